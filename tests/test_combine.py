@@ -107,7 +107,9 @@ def test_interpolate_mixes_probabilities():
     base = {"A": math.log(0.8), "B": math.log(0.2)}
     pair = ({"A": math.log(0.1), "B": math.log(0.3)}, {"A": 0.0, "B": 0.0})  # expert over C: 0.25/0.75
     c = combine(base, [pair], 0.5, strategy="interpolate")
-    assert c.steered_probs == pytest.approx({"A": 0.5 * 0.8 + 0.5 * 0.25, "B": 0.5 * 0.2 + 0.5 * 0.75}, abs=1e-12)
+    assert c.steered_probs == pytest.approx(
+        {"A": 0.5 * 0.8 + 0.5 * 0.25, "B": 0.5 * 0.2 + 0.5 * 0.75}, abs=1e-12
+    )
     with pytest.raises(InputError, match="weights"):
         combine(base, [pair], 1.5, strategy="interpolate")
 

@@ -59,23 +59,33 @@ def test_packaged_model_with_tampered_package_file_fails(tmp_path, monkeypatch):
     m = models.PACKAGED["smollm2-135m-instruct"]
     fake = tmp_path / m.filename
     fake.write_bytes(b"not the model")
-    bad = models.PackagedModel(m.name, m.filename, m.sha256, m.vocab_size, m.license, m.install, m.module,
-                               lambda _m: fake)
+    bad = models.PackagedModel(
+        m.name, m.filename, m.sha256, m.vocab_size, m.license, m.install, m.module, lambda _m: fake
+    )
     with pytest.raises(ChecksumError):
         bad.gguf()
 
 
 def test_missing_package_names_its_install_command(monkeypatch):
     m = models.PACKAGED["gemma-3-270m"]
-    broken = models.PackagedModel(m.name, m.filename, m.sha256, m.vocab_size, m.license, m.install,
-                                  "no_such_module_xyz", models._smollm2)
+    broken = models.PackagedModel(
+        m.name,
+        m.filename,
+        m.sha256,
+        m.vocab_size,
+        m.license,
+        m.install,
+        "no_such_module_xyz",
+        models._smollm2,
+    )
     with pytest.raises(ModelSpecError, match="pip install"):
         broken.gguf()
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "blackbox_proxy.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "blackbox_proxy.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_models_list_and_gguf_path_cli():

@@ -1,0 +1,62 @@
+"""``blackbox-proxy serve NAME --port P``: serve a GGUF model over the OpenAI protocol (llama.cpp)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+from ..server import LocalServer
+
+
+def _serve(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    server = LocalServer(
+        args.model or args.name,
+        args.name,
+        port=args.port,
+        host=args.host,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+    )
+    try:
+        server.start()
+        print(server.base_url, flush=True)
+        print(
+            f"serving {server.gguf.name} as model {server.model!r}; log: {server.log_path}", file=sys.stderr
+        )
+        while not stop.is_set():
+            if not server.running():
+                print("blackbox-proxy: error: the llama.cpp server exited unexpectedly", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI protocol with llama.cpp (prints the base URL when ready)",
+        description="Serve a packaged model or GGUF file with llama-cpp-python's OpenAI-compatible server. "
+        "Prints the base URL (ending in /v1) once /v1/models answers; stops cleanly on SIGTERM or Ctrl-C.",
+    )
+    p.add_argument(
+        "name", help="model name to serve under; also the weights (packaged name or .gguf) unless --model"
+    )
+    p.add_argument("--model", default=None, help="weights to serve (packaged model name or .gguf path)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length in tokens (default: 2048)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.set_defaults(func=_serve)
