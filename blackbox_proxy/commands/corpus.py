@@ -1,0 +1,43 @@
+"""``blackbox-proxy build-corpus``: RealtimeQA retrieved articles -> training documents (JSONL)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..corpus import build_corpus, write_corpus
+
+
+def _run(args: argparse.Namespace) -> int:
+    docs, stats = build_corpus(
+        args.data_dir,
+        args.weeks,
+        include_evidence=args.include_evidence,
+        min_chars=args.min_chars,
+        progress=not args.quiet,
+    )
+    path = write_corpus(docs, args.out)
+    print(json.dumps({"out": str(path), **stats.to_dict()}))
+    if stats.skipped_files:
+        print(f"note: skipped {len(stats.skipped_files)} non-weekly files", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-corpus",
+        help="write RealtimeQA retrieved articles for a range of weeks as training documents",
+        description="Documents are the retrieved news articles (and, with --include-evidence, the quiz "
+        "evidence passages with HTML stripped), de-duplicated by URL. Questions, options and answers "
+        "are never written into a document.",
+    )
+    p.add_argument("--data-dir", required=True, help="RealtimeQA folder in the upstream layout (has past/)")
+    p.add_argument(
+        "--weeks", required=True, help="inclusive range of weeks, e.g. 2025-01..2026-07 or 2025-03-07"
+    )
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--include-evidence", action="store_true", help="add the quiz evidence passages")
+    p.add_argument("--min-chars", type=int, default=200, help="skip articles shorter than this (characters)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

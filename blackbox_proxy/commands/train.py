@@ -1,0 +1,88 @@
+"""``blackbox-proxy train-expert BASE DATA --out DIR``: fine-tune a small model into an expert on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..training import TrainConfig, train_expert
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_seq_len=args.max_seq_len,
+        packing=not args.no_packing,
+        lora=args.lora,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
+        merge_lora=args.merge_lora,
+        seed=args.seed,
+        threads=args.threads,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        warmup_steps=args.warmup_steps,
+        scheduler=args.scheduler,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        chat_template=not args.no_chat_template,
+        kind=args.kind,
+        progress=not args.quiet,
+    )
+    result = train_expert(args.base, args.data, args.out, cfg, resume=args.resume)
+    summary = {
+        k: result.to_dict()[k] for k in ("out", "format", "steps", "final_loss", "tokens", "train_seconds")
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-expert",
+        help="fine-tune a small model on documents or prompt/response pairs into an expert folder",
+        description="Documents (JSONL with 'text', a folder of .txt, or one .txt) train by continued "
+        "pre-training; JSONL with 'prompt' and 'response' trains with the model's chat template and "
+        "loss on the response only. The output folder is a model spec; expert_card.json describes it.",
+    )
+    p.add_argument("base", help="base model spec (packaged name, GGUF, folder or hub id)")
+    p.add_argument("data", help="training data: JSONL file, .txt file or folder of .txt files")
+    p.add_argument("--out", required=True, help="output folder (the expert)")
+    p.add_argument(
+        "--kind", choices=("auto", "text", "sft"), default="auto", help="data kind (default: inferred)"
+    )
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (fractions allowed)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5 full, 2e-4 LoRA)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--no-packing", action="store_true", help="do not pack short documents together")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling alpha")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument(
+        "--lora-targets", default="all-linear", help="'all-linear' or comma-separated module names"
+    )
+    p.add_argument("--merge-lora", action="store_true", help="save merged weights instead of an adapter")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, LoRA init, dropout)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the last checkpoint after finishing")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    p.add_argument(
+        "--scheduler", choices=("linear", "cosine", "constant"), default="linear", help="LR schedule"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--no-chat-template", action="store_true", help="pairs as plain prompt + response text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
