@@ -1,0 +1,209 @@
+"""The runner's derived answers, and the eval / sweep commands on stored runs and bad flags (no models)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from blackbox_proxy.cli import main
+from blackbox_proxy.evaluation.runner import (
+    RESULTS_FILE,
+    EvalResult,
+    JsonlStore,
+    QuestionRecord,
+    derive_row,
+    load_run,
+    top_from_json,
+    top_to_json,
+)
+from blackbox_proxy.rerank import steer
+from blackbox_proxy.types import MCQuestion, TokenLogprob, TopLogprobs, Usage
+
+
+def _top(entries: dict[str, float], k: int) -> TopLogprobs:
+    return TopLogprobs(
+        tuple(TokenLogprob(t, v) for t, v in entries.items()), k, None, "m", "test", Usage(10, 1)
+    )
+
+
+# base prefers A; the pair pushes towards C, which is missing from the base's top-3
+TOP = _top({"A": math.log(0.6), "B": math.log(0.25), " The": math.log(0.1)}, 3)
+EXPERT = {"A": math.log(0.1), "B": math.log(0.2), "C": math.log(0.7)}
+ANTI = {"A": math.log(0.5), "B": math.log(0.3), "C": math.log(0.2)}
+Q = MCQuestion("q1", "Which?", ("a", "b", "c"), answer=2, meta={"week": "2025-01-03", "source": "CNN"})
+
+
+def _record(qid: str = "q1", gold: str = "C") -> QuestionRecord:
+    return QuestionRecord(
+        qid, ("A", "B", "C"), gold, TOP, EXPERT, ANTI, {"week": "2025-01-03", "source": "CNN"}
+    )
+
+
+def test_derive_row_matches_steer() -> None:
+    alphas = (0.0, 0.5, 1.0, 2.0)
+    row = derive_row(_record(), alphas)
+    assert row["base_letter"] == "A" and row["base_correct"] is False
+    assert row["expert_letter"] == "C" and row["anti_letter"] == "A"
+    assert row["n_missing"] == 1 and row["missing"] == "C" and not row["all_missing"]
+    for a in alphas:
+        ans = steer(Q, TOP, [(EXPERT, ANTI)], alpha=a)
+        assert row[f"proxy_letter@{a:g}"] == ans.letter
+    assert row["proxy_letter@0"] == "A"  # alpha 0 is the base
+    assert row["proxy_letter@2"] == "C"  # a strong push overturns it
+    # the exclude policy drops C instead of flooring it
+    ex = derive_row(_record(), (2.0,), policy="exclude")
+    assert ex["proxy_letter@2"] in ("A", "B")
+
+
+def test_top_json_roundtrip() -> None:
+    top = TopLogprobs(
+        (TokenLogprob("A", -0.5, 32), TokenLogprob("B", -1.5)),
+        2,
+        TokenLogprob("A", -0.5),
+        "m",
+        "p",
+        Usage(3, 1, 1, True),
+    )
+    assert top_from_json(top_to_json(top)) == top
+
+
+def _write_run(run_dir: Path, n: int = 6) -> None:
+    run_dir.mkdir(parents=True)
+    store = JsonlStore(run_dir / RESULTS_FILE)
+    for i in range(n):
+        store.append(_record(f"q{i}", "C" if i % 2 == 0 else "A").to_json())
+
+
+def test_summary_and_sweep_from_stored_records(tmp_path: Path) -> None:
+    _write_run(tmp_path / "run")
+    res = load_run(tmp_path / "run", (0.0, 2.0))
+    s = res.summary().set_index("system")
+    # gold alternates C / A; base always says A, proxy at alpha 2 always says C
+    assert s.loc["base", "accuracy"] == 0.5 and s.loc["proxy a=2", "accuracy"] == 0.5
+    assert s.loc["proxy a=2", "only_base"] == 3 and s.loc["proxy a=2", "only_system"] == 3
+    assert s.loc["proxy a=2", "mcnemar_p"] == 1.0
+    assert s.loc["proxy a=0", "only_base"] == 0
+    sw = res.sweep([0.0, 2.0])
+    assert list(sw["alpha"]) == [0.0, 2.0] and set(sw.columns) >= {"base", "proxy", "expert", "anti_expert"}
+
+
+def test_all_missing_questions_are_excluded() -> None:
+    none_top = _top({" The": -0.1, " It": -3.0}, 2)
+    recs = [
+        _record("q0"),
+        QuestionRecord("q1", ("A", "B", "C"), "C", none_top, EXPERT, ANTI, {}),
+    ]
+    res = EvalResult(recs, (1.0,))
+    t = res.table()
+    assert list(t["all_missing"]) == [False, True]
+    s = res.summary().set_index("system")
+    assert s.loc["base", "n"] == 1 and s.loc["base", "excluded"] == 1
+    assert res.summary(exclude_all_missing=False).set_index("system").loc["base", "n"] == 2
+
+
+def test_sweep_cli_from_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_run(tmp_path / "run")
+    png, csv = tmp_path / "sweep.png", tmp_path / "sweep.csv"
+    rc = main(
+        [
+            "sweep",
+            "--from-run",
+            str(tmp_path / "run"),
+            "--alpha",
+            "0,0.5,1,2",
+            "--plot",
+            str(png),
+            "--out",
+            str(csv),
+        ]
+    )
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    table = pd.read_csv(csv)
+    assert list(table["alpha"]) == [0.0, 0.5, 1.0, 2.0]
+    assert "proxy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "mmlu", "--weeks", "2025-01..2025-02"], "--weeks applies to realtimeqa only"),
+        (["eval", "arc-easy", "--expert", "smollm2-135m-instruct"], "give both --expert and --anti-expert"),
+        (["eval", "arc-easy", "--alpha", "1"], "--alpha needs --expert"),
+        (
+            [
+                "eval",
+                "arc-easy",
+                "--expert",
+                "a",
+                "--expert",
+                "b",
+                "--anti-expert",
+                "c",
+                "--anti-expert",
+                "d",
+            ],
+            "one expert pair",
+        ),
+        (["eval", "arc-easy", "--out", "x.txt"], "use a .csv or .parquet"),
+        (["eval", "arc-easy", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "jsonl"], "needs --data FILE"),
+        (["eval", "realtimeqa", "--weeks", "2025-13"], "invalid month"),
+        (["eval", "arc-easy", "--base-url", "http://127.0.0.1:9/v1"], "--model is required"),
+        (["sweep", "--from-run", "/nonexistent/run"], "holds no results.jsonl"),
+    ],
+)
+def test_cli_errors_are_clear(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_error_policy_names_the_question() -> None:
+    from blackbox_proxy.errors import MissingCandidateError
+
+    res = EvalResult([_record("q7")], (1.0,), policy="error")
+    with pytest.raises(MissingCandidateError, match=r"question 'q7'.*\['C'\]"):
+        res.table()
+
+
+def test_results_written_as_csv_or_parquet(tmp_path: Path) -> None:
+    from blackbox_proxy.commands.evaluate import write_table
+
+    t = EvalResult([_record("q0"), _record("q1", "A")], (0.5, 2.0)).table()
+    write_table(t, tmp_path / "r.csv")
+    write_table(t, tmp_path / "r.parquet")
+    pq = pd.read_parquet(tmp_path / "r.parquet")
+    pd.testing.assert_frame_equal(pq, t)
+    assert list(pd.read_csv(tmp_path / "r.csv")["proxy_letter@2"]) == list(t["proxy_letter@2"])
+
+
+def test_base_without_logprobs_is_recorded_not_fatal(fault_server, tmp_path: Path) -> None:
+    """A completed request that carries no log-probs is stored (all options missing), never re-sent."""
+    from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
+    from fault_http import Reply, chat_body
+
+    from blackbox_proxy.evaluation.runner import EvaluationRunner
+
+    qs = [MCQuestion(f"q{i}", f"Question {i}?", ("x", "y", "z"), answer=0) for i in range(3)]
+    fault_server.push(
+        Reply(body=chat_body()), Reply(body=chat_body(logprobs_null=True)), Reply(body=chat_body())
+    )
+    provider = OpenAIChatProvider(
+        "fake", fault_server.base_url, "sk-unused", max_retries=0, max_concurrency=1
+    )
+    runner = EvaluationRunner(
+        provider, k=3, concurrency=1, chunk_size=1, run_dir=tmp_path / "run", progress=False
+    )
+    res = runner.run(qs)
+    assert fault_server.count == 3 and runner.requests == 3
+    t = res.table().set_index("id")
+    assert t.loc["q1", "all_missing"] and "no log-probs" in t.loc["q1", "error"]
+    assert t.loc["q0", "base_letter"] == "A" and t.loc["q0", "error"] == ""
+    s = res.summary().set_index("system")
+    assert s.loc["base", "n"] == 2 and s.loc["base", "excluded"] == 1 and s.loc["base", "accuracy"] == 1.0
+    again = EvaluationRunner(provider, k=3, run_dir=tmp_path / "run", progress=False)
+    assert again.run(qs).table().equals(res.table())
+    assert fault_server.count == 3 and again.requests == 0
