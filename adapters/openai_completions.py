@@ -147,7 +147,15 @@ class OpenAICompletionsProvider:
         return params
 
     def _logprobs(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        lp = first_choice(body, self._where).get("logprobs")
+        choice = first_choice(body, self._where)
+        lp = choice.get("logprobs")
+        if isinstance(lp, Mapping) and lp.get("tokens") == [] and not choice.get("text"):
+            # llama-cpp-python drops the whole position when the first token is end-of-text
+            raise MissingLogprobsError(
+                f"{self._where} generated no token (finish_reason={choice.get('finish_reason')!r}): the "
+                "model ended its output at once, so the server returned no log-probs for that position. "
+                "Use the chat endpoint, or a prompt that ends where the answer starts"
+            )
         if not isinstance(lp, Mapping):
             raise no_logprobs_error(self._where)
         return lp

@@ -75,6 +75,19 @@ def test_completions_reads_chat_style_content_when_legacy_fields_are_null(fault_
     assert top.entries[0].bytes == tuple(b" B")
 
 
+def test_completion_that_ends_at_once_names_the_cause(fault_server: FaultServer) -> None:
+    # llama-cpp-python's reply when end-of-text is the first token: no position at all
+    body = completion_body()
+    body["choices"][0].update(
+        text="",
+        finish_reason="stop",
+        logprobs={"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+    )
+    fault_server.default = Reply(body=body)
+    with pytest.raises(MissingLogprobsError, match="ended its output at once"):
+        OpenAICompletionsProvider("m", fault_server.base_url).top_logprobs("Answer:", 2)
+
+
 def test_logprobs_null_is_a_missing_logprobs_error(fault_server: FaultServer) -> None:
     fault_server.default = Reply(body=chat_body(logprobs_null=True))
     with pytest.raises(MissingLogprobsError, match="returned no log-probs"):
