@@ -1,0 +1,245 @@
+"""White-box model on llama.cpp (llama-cpp-python): full next-token logits from a GGUF file on CPU.
+
+This is how people self-host GGUF models. A session decodes all rows of a batch together in one
+llama.cpp context with one sequence (and one KV-cache stream) per row, so no padding is needed.
+It drives llama.cpp's C API through llama-cpp-python's thin wrappers (``llama_cpp._internals``,
+tested with 0.3.36), because the high-level ``Llama`` class keeps a single sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import InputError, ModelSpecError
+
+KIND = "llama-cpp"
+
+
+class LlamaCppSession:
+    """KV-cached decoding of one batch: row i is llama.cpp sequence i of a fresh context."""
+
+    def __init__(self, owner: LlamaCppModel, prompts: Sequence[Sequence[int]]) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        self._owner = owner
+        self.batch_size = len(prompts)
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = self.batch_size
+        params.n_ctx = owner.n_ctx * self.batch_size  # each row gets its own n_ctx-sized stream
+        params.kv_unified = False
+        params.n_batch = owner.n_batch
+        params.n_ubatch = owner.n_batch
+        params.n_threads = owner.n_threads
+        params.n_threads_batch = owner.n_threads
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if owner.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        longest = max(len(p) for p in prompts)
+        if longest >= owner.n_ctx:
+            raise InputError(
+                f"a prompt has {longest} tokens; model {owner.name!r} was opened with n_ctx={owner.n_ctx}"
+            )
+        self._ctx = _internals.LlamaContext(model=owner.llama_model, params=params, verbose=False)
+        self._batch = llama_cpp.llama_batch_init(max(owner.n_batch, self.batch_size), 0, 1)
+        self._positions = [len(p) for p in prompts]
+        self._logits = self._prefill(prompts)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+        """Decode (seq, pos, token, want_logits) items in one llama_decode call; return wanted rows."""
+        import numpy as np
+
+        batch = self._batch
+        for i, (seq, pos, token, want) in enumerate(items):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = want
+        batch.n_tokens = len(items)
+        code = self._lib.llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            raise InputError(
+                f"llama_decode failed with code {code} (context full? n_ctx={self._owner.n_ctx} per row)"
+            )
+        n_vocab = self._owner.vocab_size
+        rows = []
+        for i, (_, _, _, want) in enumerate(items):
+            if want:
+                ptr = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+        return rows
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> Any:
+        import numpy as np
+        import torch
+
+        items = [
+            (seq, pos, int(tok), pos == len(p) - 1)
+            for seq, p in enumerate(prompts)
+            for pos, tok in enumerate(p)
+        ]
+        rows: list[Any] = []
+        step = self._owner.n_batch
+        for start in range(0, len(items), step):
+            rows.extend(self._decode(items[start : start + step]))
+        return torch.from_numpy(np.stack(rows))
+
+    def logits(self) -> Any:
+        """Next-token logits, [batch, vocab_size] float32."""
+        if self._ctx is None:
+            raise InputError("this decoding session is closed")
+        return self._logits
+
+    def feed(self, token_ids: Sequence[int]) -> None:
+        """Append one token per row (all rows in one llama_decode call)."""
+        import numpy as np
+        import torch
+
+        if self._ctx is None:
+            raise InputError("this decoding session is closed")
+        if len(token_ids) != self.batch_size:
+            raise InputError(f"feed() got {len(token_ids)} tokens for a batch of {self.batch_size}")
+        if max(self._positions) + 1 >= self._owner.n_ctx:
+            raise InputError(
+                f"context full: model {self._owner.name!r} was opened with n_ctx={self._owner.n_ctx}"
+            )
+        items = [(seq, self._positions[seq], int(tok), True) for seq, tok in enumerate(token_ids)]
+        self._positions = [p + 1 for p in self._positions]
+        self._logits = torch.from_numpy(np.stack(self._decode(items)))
+
+    def close(self) -> None:
+        """Free the llama.cpp context and batch."""
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        self._logits = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have freed llama_cpp already
+            self.close()
+
+    def __enter__(self) -> LlamaCppSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LlamaCppModel:
+    """A GGUF model on llama.cpp behind the FullLogitsModel protocol (CPU, full logits every step)."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        spec: str | os.PathLike[str],
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 2,
+        n_batch: int = 512,
+        name: str | None = None,
+        flash_attn: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        """Load ``spec`` (packaged name or .gguf); ``n_ctx`` is per row, ``flash_attn`` as in ``Llama``."""
+        import llama_cpp
+        from llama_cpp import _internals, _logger
+
+        from ..models import gguf_path
+
+        if n_ctx < 8 or n_threads < 1 or n_batch < 1:
+            raise InputError(
+                f"bad llama.cpp settings: n_ctx={n_ctx}, n_threads={n_threads}, n_batch={n_batch}"
+            )
+        path = gguf_path(spec)
+        self.name = name or str(spec)
+        self.path = path
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.n_batch = n_batch
+        self.flash_attn = flash_attn
+        self._lib = llama_cpp
+        _logger.set_verbose(verbose)  # llama.cpp's own log lines on stderr (global, as Llama(verbose=...))
+        try:
+            self.llama_model = _internals.LlamaModel(
+                path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=verbose
+            )
+        except ValueError as exc:
+            raise ModelSpecError(f"llama.cpp could not load {path}: {exc}") from exc
+        self.vocab_size = int(self.llama_model.n_vocab())
+        eos = {self.llama_model.token_eos(), self.llama_model.token_eot()}
+        self.eos_token_ids = frozenset(int(t) for t in eos if t >= 0)
+        self._vocab: list[str] | None = None
+        self._chat: Any = None
+
+    def vocab(self) -> list[str]:
+        """Token texts by id, as stored in the GGUF file."""
+        if self._vocab is None:
+            self._vocab = [self.llama_model.token_get_text(i) for i in range(self.vocab_size)]
+        return self._vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Plain-text token ids (BOS added when the model asks for it; special tokens as text)."""
+        return list(self.llama_model.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Chat-template token ids from the GGUF's ``tokenizer.chat_template``."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self._chat is None:
+            template = self.llama_model.metadata().get("tokenizer.chat_template")
+            if not template:
+                raise InputError(f"model {self.name!r} has no chat template; use the plain prompt format")
+            bos, eos = self.llama_model.token_bos(), self.llama_model.token_eos()
+            self._chat = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self.llama_model.token_get_text(eos) if eos >= 0 else "",
+                bos_token=self.llama_model.token_get_text(bos) if bos >= 0 else "",
+            )
+        text = self._chat(messages=[dict(m) for m in messages]).prompt
+        bos = self.llama_model.token_bos()
+        starts_with_bos = bos >= 0 and text.startswith(self.llama_model.token_get_text(bos))
+        return list(
+            self.llama_model.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos, special=True)
+        )
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of the ids (control tokens render as nothing)."""
+        out = bytearray()
+        size = 64
+        buf = ctypes.create_string_buffer(size)
+        for tok in token_ids:
+            n = self._lib.llama_token_to_piece(self.llama_model.vocab, int(tok), buf, size, 0, False)
+            if n < 0:  # piece longer than the buffer: grow and retry
+                size = -n
+                buf = ctypes.create_string_buffer(size)
+                n = self._lib.llama_token_to_piece(self.llama_model.vocab, int(tok), buf, size, 0, False)
+            out += buf.raw[:n]
+        return out.decode("utf-8", errors="replace")
+
+    def open(self, prompts: Sequence[Sequence[int]]) -> LlamaCppSession:
+        """Evaluate a batch of prompts, one llama.cpp sequence per row."""
+        if not prompts:
+            raise InputError("no prompts to decode")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise InputError(f"prompt {i} encodes to no tokens for model {self.name!r}")
+        return LlamaCppSession(self, prompts)
+
+    def close(self) -> None:
+        """Free the model weights."""
+        self.llama_model.close()
+
+    def __repr__(self) -> str:
+        return f"LlamaCppModel({self.name!r})"
