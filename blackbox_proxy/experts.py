@@ -93,7 +93,9 @@ class CausalScorer:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
-        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        self.name = (
+            name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        )
         self.use_chat_template = bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
         self.strict_single_token = strict_single_token
         self.batch_size = batch_size
@@ -257,10 +259,16 @@ class ExpertPair:
         strict_single_token: bool = False,
         batch_size: int = 8,
     ) -> None:
-        opts = {"chat_template": chat_template, "strict_single_token": strict_single_token, "batch_size": batch_size}
+        opts = {
+            "chat_template": chat_template,
+            "strict_single_token": strict_single_token,
+            "batch_size": batch_size,
+        }
         self.expert = _as_scorer(expert, **opts)
         same = anti_expert is expert or (
-            not isinstance(expert, tuple) and not isinstance(anti_expert, tuple) and str(expert) == str(anti_expert)
+            not isinstance(expert, tuple)
+            and not isinstance(anti_expert, tuple)
+            and str(expert) == str(anti_expert)
         )
         self.anti_expert = self.expert if same else _as_scorer(anti_expert, **opts)
         self.batch_size = batch_size
@@ -299,7 +307,9 @@ class ExpertPair:
             bar = tqdm(total=2 * len(prompts), desc="expert pair", unit="prompt", leave=False)
         try:
             exp = self.expert.score(prompts, per_prompt, bar)
-            anti = exp if self.anti_expert is self.expert else self.anti_expert.score(prompts, per_prompt, bar)
+            anti = (
+                exp if self.anti_expert is self.expert else self.anti_expert.score(prompts, per_prompt, bar)
+            )
         finally:
             if bar is not None:
                 bar.close()

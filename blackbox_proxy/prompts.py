@@ -17,8 +17,12 @@ from collections.abc import Mapping, Sequence
 from .errors import InputError
 from .types import MCQuestion
 
-#: The instruction closing the chat prompt; ``{letters}`` becomes e.g. "A, B, C or D".
-INSTRUCTION = "Answer with the letter of the correct option ({letters}) only."
+#: Opening instruction of both renderings. Putting it first and closing the chat prompt with a
+#: "one letter" reminder moved Qwen2.5-Coder-0.5B's probability mass on the option letters from
+#: 0.60 to 0.99 (24 MMLU/TruthfulQA questions; completion style 0.67 -> 0.96).
+INSTRUCTION = "Answer the following multiple-choice question with the letter of the correct option"
+#: The chat prompt's closing line; ``{letters}`` becomes e.g. "A, B, C or D".
+REMINDER = "Reply with just one letter: {letters}."
 
 
 def _letters_phrase(labels: Sequence[str]) -> str:
@@ -32,15 +36,15 @@ def _options_block(q: MCQuestion) -> str:
 def mc_messages(q: MCQuestion) -> list[dict[str, str]]:
     """Chat prompt: one user message with the question, lettered options and a letter-only instruction."""
     content = (
-        f"{str(q.question).strip()}\n\n{_options_block(q)}\n\n"
-        + INSTRUCTION.format(letters=_letters_phrase(q.labels))
+        f"{INSTRUCTION} only, no explanation.\n\nQuestion: {str(q.question).strip()}\n{_options_block(q)}\n\n"
+        + REMINDER.format(letters=_letters_phrase(q.labels))
     )
     return [{"role": "user", "content": content}]
 
 
 def mc_text(q: MCQuestion) -> str:
-    """Completion prompt: ``Question: ...``, the lettered options, and a final ``Answer:`` to continue."""
-    return f"Question: {str(q.question).strip()}\n{_options_block(q)}\nAnswer:"
+    """Completion prompt: the instruction, ``Question: ...``, the lettered options, and a final ``Answer:``."""
+    return f"{INSTRUCTION}.\n\nQuestion: {str(q.question).strip()}\n{_options_block(q)}\nAnswer:"
 
 
 def messages_to_text(messages: Sequence[Mapping[str, str]]) -> str:

@@ -1,0 +1,121 @@
+"""``blackbox-proxy demo``: the multiple-choice black-box path end to end, fully offline.
+
+A packaged model run in-process by llama.cpp and exposing only its top-k log-probs stands in for a
+hosted API (the base); two packaged models are the expert / anti-expert pair; the questions are the
+shipped TruthfulQA MC1 sample. Prints base vs steered answers and both accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from ..combine import POLICIES, STRATEGIES
+from ..errors import InputError
+
+DEFAULT_BASE = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_EXPERT = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_ANTI = "smollm2-135m-instruct"
+
+
+def table(df: Any) -> str:
+    """Per-question table: gold, base and steered letters with their probability of the gold option."""
+    lines = [f"{'id':<16} {'gold':>4} {'base':>4} {'p_gold':>7} {'steered':>7} {'p_gold':>7}  missing"]
+    for _, r in df.iterrows():
+        if r.get("error"):
+            lines.append(f"{r['id']:<16} {r['gold_letter']:>4}  error: {r['error']}")
+            continue
+        g = r["gold_letter"]
+        bp, sp = r.get(f"base_p_{g}", float("nan")), r.get(f"p_{g}", float("nan"))
+        bm = "+" if r["base_letter"] == g else " "
+        sm = "+" if r["steered_letter"] == g else " "
+        lines.append(
+            f"{r['id']:<16} {g:>4} {r['base_letter'] or '-':>3}{bm} {bp:>7.3f} {r['steered_letter'] or '-':>6}{sm} "
+            f"{sp:>7.3f}  {r['missing'] or ''}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the in-process base and the pair, answer the sample, print the table and accuracies."""
+    import torch
+
+    from ..adapters.llama_cpp_inprocess import LlamaCppTopKProvider
+    from ..data.truthfulqa_sample import load_sample
+    from ..experts import ExpertPair
+    from ..rerank import Reranker
+
+    if args.n < 1:
+        raise InputError(f"--n must be at least 1, got {args.n}")
+    torch.set_num_threads(args.threads)
+    questions = load_sample()[: args.n]
+    t0 = time.perf_counter()
+    print(f"base (top-{args.k} log-probs only, in-process llama.cpp): {args.base}", file=sys.stderr)
+    provider = LlamaCppTopKProvider(args.base, n_threads=args.threads, endpoint=args.endpoint)
+    print(f"expert pair: {args.expert} - {args.anti_expert}, alpha {args.alpha}", file=sys.stderr)
+    pair = ExpertPair(args.expert, args.anti_expert, batch_size=args.batch_size)
+    reranker = Reranker(
+        provider,
+        pair,
+        args.alpha,
+        policy=args.missing,
+        strategy=args.strategy,
+        k=args.k,
+        endpoint=args.endpoint,
+    )
+    df = reranker.answer_many(questions, progress=not args.quiet)
+    elapsed = time.perf_counter() - t0
+    print(table(df))
+    ok = df[df["error"].astype(str) == ""]
+    n = len(ok)
+    base_acc = (ok["base_letter"] == ok["gold_letter"]).sum()
+    steer_acc = (ok["steered_letter"] == ok["gold_letter"]).sum()
+    print()
+    print(
+        f"TruthfulQA MC1 sample, {n} questions ({len(df) - n} errors), alpha {args.alpha}, policy {args.missing}"
+    )
+    print(f"base    {args.base:<32} accuracy {base_acc / max(n, 1):.3f} ({base_acc}/{n})")
+    print(
+        f"steered {'+ (' + args.expert + ' - ' + args.anti_expert + ')':<32} accuracy "
+        f"{steer_acc / max(n, 1):.3f} ({steer_acc}/{n})"
+    )
+    print(
+        f"changed answers: {(ok['base_letter'] != ok['steered_letter']).sum()}; "
+        f"questions with an option outside the top-{args.k}: {(ok['n_missing'] > 0).sum()}; "
+        f"{elapsed:.0f} s"
+    )
+    if args.out:
+        df.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+    provider.close()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="offline demo: an in-process top-k-only base steered by a packaged expert pair on TruthfulQA",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--base", default=DEFAULT_BASE, help=f"base model spec, served top-k only (default {DEFAULT_BASE})"
+    )
+    p.add_argument("--expert", default=DEFAULT_EXPERT, help=f"expert model spec (default {DEFAULT_EXPERT})")
+    p.add_argument(
+        "--anti-expert", default=DEFAULT_ANTI, help=f"anti-expert model spec (default {DEFAULT_ANTI})"
+    )
+    p.add_argument("--n", type=int, default=40, help="number of sample questions, at most 40 (default 40)")
+    p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default 1)")
+    p.add_argument("--k", type=int, default=10, help="top log-probs the base reveals (default 10)")
+    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat", help="default chat")
+    p.add_argument(
+        "--missing", choices=POLICIES, default="floor", help="missing-option policy (default floor)"
+    )
+    p.add_argument("--strategy", choices=STRATEGIES, default="proxy", help="fusion strategy (default proxy)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per expert forward pass (default 8)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for each model (default 2)")
+    p.add_argument("--out", help="also write the per-question results to this CSV")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
