@@ -10,18 +10,8 @@ from collections.abc import Sequence
 
 from .errors import BlackboxProxyError
 
-#: sub-command name -> module under blackbox_proxy.commands exposing ``add_parser(subparsers)``
-COMMANDS = {
-    "models": "models",
-    "serve": "serve",
-    "mc": "mc",
-    "demo": "demo",
-    "train-expert": "train",
-    "build-corpus": "corpus",
-    "eval": "evaluate",
-    "sweep": "sweep",
-    "generate": "generate",
-}
+#: modules under blackbox_proxy.commands; each exposes ``add_parser(subparsers)`` for its sub-command(s)
+COMMAND_MODULES = ("models", "serve", "mc", "demo", "train", "corpus", "evaluate", "sweep", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"blackbox_proxy.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"blackbox_proxy.commands.{module}":
-                continue  # command not built yet
-            raise
-        mod.add_parser(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"blackbox_proxy.commands.{module}").add_parser(sub)
     return parser
 
 
