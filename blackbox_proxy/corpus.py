@@ -9,21 +9,19 @@ trained on this corpus learns the news, not the answer key.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .evaluation.datasets import parse_date_range, strip_html
 
 _WEEK_FILE = re.compile(r"^(\d{8})_(qa|gcs)\.jsonl$")
-_BOUND = re.compile(r"^(\d{4})-?(\d{2})(?:-?(\d{2}))?$")
 
 
 @dataclass(frozen=True)
@@ -69,48 +67,13 @@ class CorpusStats:
         return d
 
 
-class _TextOnly(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-
-def strip_html(text: str) -> str:
-    """Visible text of an HTML fragment: tags dropped, entities decoded, whitespace collapsed."""
-    parser = _TextOnly()
-    parser.feed(text)
-    parser.close()
-    return " ".join(html.unescape("".join(parser.parts)).split())
-
-
-def _parse_bound(s: str, end: bool) -> date:
-    m = _BOUND.match(s.strip())
-    if not m:
-        raise InputError(f"bad week bound {s!r}: use YYYY-MM or YYYY-MM-DD (e.g. 2025-01..2026-07)")
-    y, mo, d = int(m[1]), int(m[2]), m[3]
-    try:
-        if d is not None:
-            return date(y, mo, int(d))
-        if not end:
-            return date(y, mo, 1)
-        nxt = date(y + (mo == 12), mo % 12 + 1, 1)
-        return date.fromordinal(nxt.toordinal() - 1)
-    except ValueError as exc:
-        raise InputError(f"bad week bound {s!r}: {exc}") from exc
-
-
 def parse_weeks(spec: str) -> tuple[date, date]:
-    """``"2025-01..2026-07"`` -> (first day, last day), inclusive; a single bound means that month or day."""
+    """``"2025-01..2026-07"`` -> (first day, last day), inclusive; both ends are required here."""
     if not spec or not spec.strip():
         raise InputError("empty week range: use e.g. 2025-01..2026-07")
-    lo, sep, hi = spec.partition("..")
-    start = _parse_bound(lo, end=False)
-    stop = _parse_bound(hi if sep else lo, end=True)
-    if stop < start:
-        raise InputError(f"week range {spec!r} ends before it starts")
+    start, stop = parse_date_range(spec)
+    if start is None or stop is None:
+        raise InputError(f"week range {spec!r} needs both ends, e.g. 2025-01..2026-07")
     return start, stop
 
 

@@ -6,7 +6,7 @@ All results are frozen dataclasses with ``to_dict()`` so a batch becomes a panda
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -208,11 +208,3 @@ class SteeredAnswer:
         u = self.usage or Usage(0, 0, 0)
         row.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, model=self.model)
         return row
-
-
-def check_finite(values: Sequence[float] | Mapping[str, float], what: str) -> None:
-    """Raise InputError naming ``what`` when any value is NaN (or +inf)."""
-    items = values.items() if isinstance(values, Mapping) else enumerate(values)
-    for k, v in items:
-        if math.isnan(v) or v == math.inf:
-            raise InputError(f"{what}: value for {k!r} is {v!r}")
