@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         f"questions with an option outside the top-{args.k}: {(ok['n_missing'] > 0).sum()}; "
         f"{elapsed:.0f} s"
     )
+    if args.expert == DEFAULT_EXPERT and args.anti_expert == DEFAULT_ANTI:
+        print(
+            "note: the default pair is two different packaged models, not a model and its fine-tuned "
+            "twin, so the offset measures their difference, not a tuning; make a real expert with "
+            "`blackbox-proxy train-expert` and pass it with --expert/--anti-expert."
+        )
     if args.out:
         df.to_csv(args.out, index=False)
         print(f"wrote {args.out}")
