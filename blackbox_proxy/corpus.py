@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .evaluation.datasets import parse_date_range, strip_html
+from .evaluation.datasets import parse_date_range, read_jsonl_records, strip_html
 
 _WEEK_FILE = re.compile(r"^(\d{8})_(qa|gcs)\.jsonl$")
 
@@ -103,20 +102,6 @@ def _week_files(
     return weeks
 
 
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{i}: expected a JSON object")
-            yield rec
-
-
 def normalize_url(url: str) -> str:
     """URL key for de-duplication: trimmed, fragment and trailing slash dropped, scheme/host lower-cased."""
     u = url.strip().split("#", 1)[0].rstrip("/")
@@ -160,12 +145,12 @@ def build_corpus(
     seen_evidence: set[str] = set()
     stats.weeks, stats.first_week, stats.last_week = len(files), files[0][0], files[-1][0]
     for week, qa_path, gcs_path in tqdm(files, desc="build-corpus", unit="week", disable=not progress):
-        questions = list(_jsonl(qa_path))
+        questions = [rec for _, rec in read_jsonl_records(qa_path)]
         stats.questions += len(questions)
         if gcs_path is None:
             stats.weeks_without_articles += 1
         else:
-            for rec in _jsonl(gcs_path):
+            for _, rec in read_jsonl_records(gcs_path):
                 qid = str(rec.get("question_id", ""))
                 for art in rec.get("search_result") or []:
                     stats.articles_seen += 1

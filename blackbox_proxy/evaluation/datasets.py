@@ -61,7 +61,7 @@ def _resolve(path: str | os.PathLike[str] | None, sub: str) -> Path:
     return p
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line; DatasetError names the bad line."""
     with path.open(encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
@@ -230,7 +230,7 @@ def load_realtimeqa(
     out: list[MCQuestion] = []
     n_dupes = n_reused = 0
     for week, path in realtimeqa_files(data_dir, variant):
-        for line, rec in _read_jsonl(path):
+        for line, rec in read_jsonl_records(path):
             where = f"{path}:{line}"
             ans = rec.get("answer")
             if not ans:  # unanswered (e.g. a blank placeholder record)
@@ -349,7 +349,7 @@ def load_mmlu(
             raise DatasetError(f"no MMLU split {split!r} at {p}")
     want = set(subjects) if subjects else None
     out = []
-    for line, rec in _read_jsonl(p):
+    for line, rec in read_jsonl_records(p):
         where = f"{p}:{line}"
         subj = str(rec.get("subject", ""))
         if want is not None and subj not in want:
@@ -384,7 +384,7 @@ def load_arc(path: str | os.PathLike[str] | None = None, *, subset: str = "easy"
     if p.is_dir():
         p = p / f"arc_{subset}_validation.jsonl"
     out = []
-    for line, rec in _read_jsonl(p):
+    for line, rec in read_jsonl_records(p):
         where = f"{p}:{line}"
         ch = rec.get("choices")
         if not isinstance(ch, dict) or "text" not in ch or "label" not in ch:
@@ -416,7 +416,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[MCQuestion]:
     p = _resolve(path, "")
     out = []
     ids: set[str] = set()
-    for line, rec in _read_jsonl(p):
+    for line, rec in read_jsonl_records(p):
         where = f"{p}:{line}"
         for k in ("question", "choices"):
             if k not in rec:
