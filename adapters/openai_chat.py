@@ -7,76 +7,33 @@ official ``openai`` client; every request goes through :class:`~blackbox_proxy.t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..cache import ResponseCache
-from ..transport import Transport
 from ..types import TopLogprobs
 from .base import OPENAI_CHAT_MAX_TOP_LOGPROBS, Prompt
 from .openai_common import (
     check_k,
-    check_model,
     first_choice,
     no_logprobs_error,
     parse_chat_position,
     to_messages,
     usage_of,
 )
+from .openai_provider import OpenAIProviderBase
 
 ENDPOINT = "chat.completions"
 
 
-class OpenAIChatProvider:
+class OpenAIChatProvider(OpenAIProviderBase):
     """A black-box chat model: top-k log-probs of its first generated token.
 
-    ``base_url`` / ``api_key`` come from the arguments, else OPENAI_BASE_URL / OPENAI_API_KEY; a local
-    server without a key gets a dummy one. ``max_k`` is the largest k accepted (20, OpenAI's limit;
-    None for servers without a limit such as llama.cpp). ``extra_params`` are sent with every request.
+    Configuration as :class:`~blackbox_proxy.adapters.openai_provider.OpenAIProviderBase`; ``max_k``
+    defaults to 20, OpenAI's limit for ``top_logprobs``.
     """
 
     kind = "openai-chat"
-
-    def __init__(
-        self,
-        model: str,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        max_retries: int = 5,
-        max_concurrency: int = 8,
-        cache: ResponseCache | str | os.PathLike[str] | None = None,
-        max_k: int | None = OPENAI_CHAT_MAX_TOP_LOGPROBS,
-        extra_params: Mapping[str, Any] | None = None,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 20.0,
-    ) -> None:
-        self.model = check_model(model, self.kind)
-        self.max_k = max_k
-        self.extra_params = dict(extra_params or {})
-        self.transport = Transport(
-            base_url,
-            api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            max_concurrency=max_concurrency,
-            cache=cache,
-            backoff_initial=backoff_initial,
-            backoff_max=backoff_max,
-        )
-
-    @property
-    def base_url(self) -> str:
-        return self.transport.base_url
-
-    def close(self) -> None:
-        """Release HTTP connections and the cache handle."""
-        self.transport.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, api_key='***')"
+    default_max_k = OPENAI_CHAT_MAX_TOP_LOGPROBS
 
     def request_params(self, prompt: Prompt, k: int) -> dict[str, Any]:
         """The JSON request for the top-k log-probs of the first token after ``prompt``."""
@@ -94,7 +51,7 @@ class OpenAIChatProvider:
 
     def parse(self, body: Mapping[str, Any], k: int, *, cached: bool = False) -> TopLogprobs:
         """TopLogprobs from a response body; MissingLogprobsError when it carries none."""
-        where = f"model {self.model!r} at {self.base_url}"
+        where = self._where
         choice = first_choice(body, where)
         logprobs = choice.get("logprobs")
         if not isinstance(logprobs, Mapping):

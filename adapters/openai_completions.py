@@ -21,20 +21,16 @@ Servers differ in how they fill this endpoint, and the adapter checks rather tha
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from ..cache import ResponseCache
 from ..errors import InputError, MissingLogprobsError, ProviderError
-from ..transport import Transport
 from ..types import TokenLogprob, TopLogprobs, Usage
 from .base import OPENAI_COMPLETIONS_MAX_LOGPROBS, Prompt
 from .openai_common import (
     check_k,
-    check_model,
     first_choice,
     legacy_lists,
     no_logprobs_error,
@@ -43,6 +39,7 @@ from .openai_common import (
     to_text,
     usage_of,
 )
+from .openai_provider import OpenAIProviderBase
 
 ENDPOINT = "completions"
 #: echo layouts: OpenAI's (entry i scores token i) or shifted by one (entry i predicts token i+1)
@@ -75,60 +72,23 @@ class ContinuationScore:
         return d
 
 
-class OpenAICompletionsProvider:
+class OpenAICompletionsProvider(OpenAIProviderBase):
     """A black-box model behind the legacy Completions endpoint: top-k of the next token, echo scoring.
 
-    Takes prompt text only (chat messages are an InputError). ``max_k`` defaults to 5, OpenAI's limit;
-    pass None for servers without a limit (llama.cpp).
+    Takes prompt text only (chat messages are an InputError). Configuration as
+    :class:`~blackbox_proxy.adapters.openai_provider.OpenAIProviderBase`; ``max_k`` defaults to 5,
+    OpenAI's limit for ``logprobs``.
     """
 
     kind = "openai-completions"
+    default_max_k = OPENAI_COMPLETIONS_MAX_LOGPROBS
 
     def __init__(
-        self,
-        model: str,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        max_retries: int = 5,
-        max_concurrency: int = 8,
-        cache: ResponseCache | str | os.PathLike[str] | None = None,
-        max_k: int | None = OPENAI_COMPLETIONS_MAX_LOGPROBS,
-        extra_params: Mapping[str, Any] | None = None,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 20.0,
+        self, model: str, base_url: str | None = None, api_key: str | None = None, **options: Any
     ) -> None:
-        self.model = check_model(model, self.kind)
-        self.max_k = max_k
-        self.extra_params = dict(extra_params or {})
-        self.transport = Transport(
-            base_url,
-            api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            max_concurrency=max_concurrency,
-            cache=cache,
-            backoff_initial=backoff_initial,
-            backoff_max=backoff_max,
-        )
+        super().__init__(model, base_url, api_key, **options)
         self._layout: str | None = None
         self._layout_lock = threading.Lock()
-
-    @property
-    def base_url(self) -> str:
-        return self.transport.base_url
-
-    def close(self) -> None:
-        """Release HTTP connections and the cache handle."""
-        self.transport.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, api_key='***')"
-
-    @property
-    def _where(self) -> str:
-        return f"model {self.model!r} at {self.base_url}"
 
     # -- top-k of the next token ------------------------------------------------------------------
     def request_params(self, prompt: Prompt, k: int, *, echo: bool = False) -> dict[str, Any]:

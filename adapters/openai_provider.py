@@ -1,0 +1,68 @@
+"""What the OpenAI-protocol providers share: configuration, the transport, repr without the key."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from ..cache import ResponseCache
+from ..transport import Transport
+from .openai_common import check_model
+
+
+class OpenAIProviderBase:
+    """Base of the Chat and Completions providers; subclasses set ``kind`` and ``default_max_k``.
+
+    ``base_url`` / ``api_key`` come from the arguments, else OPENAI_BASE_URL / OPENAI_API_KEY; a local
+    server without a key gets a dummy one. ``max_k`` is the largest k accepted (``"default"`` = the
+    endpoint's OpenAI limit; None for servers without a limit such as llama.cpp). ``extra_params``
+    are sent with every request.
+    """
+
+    kind = "openai"
+    default_max_k: int | None = None
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        max_concurrency: int = 8,
+        cache: ResponseCache | str | os.PathLike[str] | None = None,
+        max_k: int | None | Literal["default"] = "default",
+        extra_params: Mapping[str, Any] | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 20.0,
+    ) -> None:
+        self.model = check_model(model, self.kind)
+        self.max_k = self.default_max_k if max_k == "default" else max_k
+        self.extra_params = dict(extra_params or {})
+        self.transport = Transport(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_concurrency=max_concurrency,
+            cache=cache,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self.transport.base_url
+
+    @property
+    def _where(self) -> str:
+        return f"model {self.model!r} at {self.base_url}"
+
+    def close(self) -> None:
+        """Release HTTP connections and the cache handle."""
+        self.transport.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, api_key='***')"
