@@ -261,23 +261,14 @@ class Transport:
             with self._sync_sem:
                 return _to_dict(send(self.client, dict(params)))
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(is_retryable),
-            before_sleep=self._log_retry(endpoint, model),
-            reraise=True,
-        )
+        retrying = Retrying(**self._retry_policy(endpoint, model))
         try:
             body = retrying(once)
         except BlackboxProxyError:
             raise
         except Exception as exc:
             raise self.error(exc, endpoint, model, attempts) from exc
-        if check is not None:
-            check(body)
-        self._store(key, body, endpoint, model)
-        return body, False
+        return self._accept(key, body, check, endpoint, model)
 
     async def acall(
         self,
@@ -301,27 +292,39 @@ class Transport:
             async with sem:
                 return _to_dict(await send(client, dict(params)))
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(is_retryable),
-            before_sleep=self._log_retry(endpoint, model),
-            reraise=True,
-        )
+        retrying = AsyncRetrying(**self._retry_policy(endpoint, model))
         try:
             body = await retrying(once)
         except BlackboxProxyError:
             raise
         except Exception as exc:
             raise self.error(exc, endpoint, model, attempts) from exc
+        return self._accept(key, body, check, endpoint, model)
+
+    def _retry_policy(self, endpoint: str, model: str) -> dict[str, Any]:
+        """tenacity settings shared by the sync and async paths."""
+        return {
+            "stop": stop_after_attempt(self.max_retries + 1),
+            "wait": self._wait,
+            "retry": retry_if_exception(is_retryable),
+            "before_sleep": self._log_retry(endpoint, model),
+            "reraise": True,
+        }
+
+    def _accept(
+        self,
+        key: str | None,
+        body: dict[str, Any],
+        check: Callable[[dict[str, Any]], object] | None,
+        endpoint: str,
+        model: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """Check a fresh body (raising if unusable), then cache it: bad answers are never remembered."""
         if check is not None:
             check(body)
-        self._store(key, body, endpoint, model)
-        return body, False
-
-    def _store(self, key: str | None, body: dict[str, Any], endpoint: str, model: str) -> None:
         if self.cache is not None and key is not None:
             self.cache.put(key, body, endpoint=endpoint, model=model)
+        return body, False
 
     def _log_retry(self, endpoint: str, model: str) -> Callable[[RetryCallState], None]:
         def before_sleep(state: RetryCallState) -> None:
