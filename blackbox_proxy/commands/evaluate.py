@@ -15,11 +15,11 @@ from typing import Any
 
 import pandas as pd
 
-from ..combine import POLICIES, STRATEGIES
 from ..errors import InputError
 from ..evaluation.datasets import DATASETS, load_dataset
 from ..evaluation.runner import ENDPOINTS, EvalResult, EvaluationRunner, LazyExpertPair
 from ..evaluation.stats import breakdown, missing_rates
+from .common_args import add_combination_args, add_transport_args
 
 DEFAULT_EMBEDDED_BASE = "smollm2-135m-instruct"
 
@@ -74,19 +74,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="largest K the server accepts (default: OpenAI's 20 chat / 5 completions at api.openai.com, "
         "no limit elsewhere; 0 = no limit)",
     )
-    g.add_argument(
-        "--missing",
-        choices=POLICIES,
-        default="floor",
-        help="options absent from the top-k: floor (fill with the top-k bound), exclude, error",
-    )
-    g.add_argument("--strategy", choices=STRATEGIES, default="proxy", help="fusion strategy (default proxy)")
-    g.add_argument(
-        "--cache", metavar="FILE", help="SQLite response cache for base requests (keyed without secrets)"
-    )
-    g.add_argument("--concurrency", type=int, default=4, help="base requests in flight (default 4)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per base request (default 60)")
-    g.add_argument("--retries", type=int, default=5, help="retries per base request (default 5)")
+    add_combination_args(g)
+    add_transport_args(g)
     e = p.add_argument_group("expert pair")
     e.add_argument(
         "--expert", action="append", metavar="SPEC", help="tuned expert model spec (name, folder, GGUF)"

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..combine import POLICIES, STRATEGIES
 from ..errors import InputError
 from ..prompts import mc_messages, mc_text
 from ..types import LETTERS, MCQuestion
+from .common_args import add_combination_args, add_transport_args
 
 
 @dataclass
@@ -258,21 +258,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="largest K the server accepts (default OpenAI's: 20 chat, 5 completions; 0 = no limit)",
     )
-    p.add_argument(
-        "--missing",
-        choices=POLICIES,
-        default="floor",
-        help="options absent from the top-k: floor (fill with the top-k bound), exclude, error",
-    )
-    p.add_argument("--strategy", choices=STRATEGIES, default="proxy", help="fusion strategy (default proxy)")
+    add_combination_args(p)
     p.add_argument(
         "--no-chat-template", action="store_true", help="experts read plain text, not their chat template"
     )
     p.add_argument("--batch-size", type=int, default=8, help="questions per expert forward pass (default 8)")
-    p.add_argument("--concurrency", type=int, default=4, help="base requests in flight (default 4)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per base request (default 60)")
-    p.add_argument("--retries", type=int, default=5, help="retries per base request (default 5)")
-    p.add_argument("--cache", metavar="FILE", help="SQLite cache of base responses (keyed without secrets)")
+    add_transport_args(p)
     p.add_argument("--limit", type=int, help="answer only the first N valid questions")
     p.add_argument("--out", required=True, metavar="RESULTS.csv", help="per-question results CSV")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
