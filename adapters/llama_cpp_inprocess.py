@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InputError, MissingLogprobsError, ProviderError
 from ..models import gguf_path, resolve
-from ..types import TopLogprobs, Usage
-from .base import Prompt
+from ..types import TokenLogprob, TopLogprobs, Usage
+from .base import Prompt, ProviderOptions, register_provider
+from .continuation import CONTINUE, CONTINUE_IDS, TOKENIZE, Continuation, check_block_size, check_prefix
 from .openai_common import check_k, parse_chat_position, parse_completion_position, to_messages, to_text
 
 ENDPOINTS = ("chat", "completions")
@@ -31,6 +33,10 @@ class LlamaCppTopKProvider:
 
     kind = "llama-cpp-inprocess"
     max_k: int | None = None
+    #: one llama.cpp context answers one request at a time
+    max_concurrency = 1
+    #: continue raw text or token ids (greedy, ids reported), and tokenize text as the model reads it
+    capabilities: frozenset[str] = frozenset({CONTINUE, CONTINUE_IDS, TOKENIZE})
 
     def __init__(
         self,
@@ -98,6 +104,91 @@ class LlamaCppTopKProvider:
             return parse_chat_position(lp, where)
         return parse_completion_position(lp, where)
 
+    # -- continuing a raw prefix ------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a Completions prompt reads it (BOS where the model adds one)."""
+        if not isinstance(text, str) or not text:
+            raise InputError("empty text to tokenize")
+        with self._lock:
+            llm = self._open_llm()
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def _open_llm(self) -> Any:
+        if self._llm is None:
+            raise ProviderError(
+                f"in-process llama.cpp model {self.model!r} was closed; create a new provider"
+            )
+        return self._llm
+
+    def continue_prefix(
+        self, prefix: str | Sequence[int], n: int, k: int = 5, *, messages: Prompt | None = None
+    ) -> Continuation:
+        """``n`` greedy tokens after the raw ``prefix`` (text or token ids), each with its top-k and ids.
+
+        Like a Completions server: temperature 0, no repetition penalty; an end-of-text token ends
+        the block (finish_reason "stop") and is not returned as a position.
+        """
+        import llama_cpp
+        import numpy as np
+
+        check_k(k, self.max_k, self.kind)
+        n = check_block_size(n, self.kind)
+        if messages is not None:
+            raise InputError(f"{self.kind} continues raw text or token ids; render the chat to text first")
+        prefix = check_prefix(prefix, self.kind, ids_ok=True)
+        with self._lock:
+            llm = self._open_llm()
+            ids = (
+                list(llm.tokenize(prefix.encode("utf-8"), add_bos=True, special=True))
+                if isinstance(prefix, str)
+                else list(prefix)
+            )
+            if len(ids) + n > llm.n_ctx():
+                raise InputError(f"prefix of {len(ids)} tokens + {n} new exceeds n_ctx={llm.n_ctx()}")
+            positions: list[TopLogprobs] = []
+            out: list[int] = []
+            finish = "length"
+            vocab = llm._model.vocab
+            for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                m = row.max()
+                logp = row - (m + np.log(np.exp(row - m).sum()))
+                top = np.argpartition(-logp, min(k, len(logp) - 1))[:k]
+                top = top[np.argsort(-logp[top], kind="stable")]
+                prev = ids + out
+
+                def text(t: int, prev: list[int] = prev) -> str:
+                    return llm.detokenize([int(t)], prev_tokens=prev).decode("utf-8", errors="replace")
+
+                entries = tuple(TokenLogprob(text(t), min(float(logp[t]), 0.0), id=int(t)) for t in top)
+                chosen = TokenLogprob(text(token), min(float(logp[token]), 0.0), id=int(token))
+                positions.append(TopLogprobs(entries, k, chosen, self.model, self.kind))
+                out.append(int(token))
+                if len(out) >= n:
+                    break
+            body_text = llm.detokenize(out, prev_tokens=ids).decode("utf-8", errors="replace")
+        usage = Usage(len(ids), len(out))
+        return Continuation(
+            tuple(positions),
+            finish,
+            n,
+            k,
+            body_text,
+            usage,
+            self.model,
+            self.kind,
+            not isinstance(prefix, str),
+        )
+
+    async def acontinue_prefix(
+        self, prefix: str | Sequence[int], n: int, k: int = 5, *, messages: Prompt | None = None
+    ) -> Continuation:
+        """Async twin of :meth:`continue_prefix` (a worker thread; one request at a time)."""
+        return await asyncio.to_thread(self.continue_prefix, prefix, n, k, messages=messages)
+
     async def atop_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
         """Async twin of :meth:`top_logprobs` (runs in a worker thread; still one request at a time)."""
         return await asyncio.to_thread(self.top_logprobs, prompt, k)
@@ -108,3 +199,13 @@ class LlamaCppTopKProvider:
             llm, self._llm = self._llm, None
         if llm is not None and hasattr(llm, "close"):
             llm.close()
+
+
+@register_provider("llama-cpp")
+def _llama_cpp(options: ProviderOptions) -> LlamaCppTopKProvider:
+    """A packaged model or GGUF file run in-process, revealing only its top-k (offline stand-in)."""
+    if options.base_url:
+        raise InputError("provider 'llama-cpp' runs the model in-process; it takes no --base-url")
+    if options.cache:
+        raise InputError("--cache applies to HTTP providers; the in-process base answers locally")
+    return LlamaCppTopKProvider(options.model, n_threads=options.threads or 2, endpoint=options.endpoint)

@@ -22,7 +22,7 @@ KIND = "llama-cpp"
 class LlamaCppSession:
     """KV-cached decoding of one batch: row i is llama.cpp sequence i of a fresh context."""
 
-    def __init__(self, owner: LlamaCppModel, prompts: Sequence[Sequence[int]]) -> None:
+    def __init__(self, owner: LlamaCppModel, prompts: Sequence[Sequence[int]], keep: int = 1) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -50,7 +50,7 @@ class LlamaCppSession:
         self._ctx = _internals.LlamaContext(model=owner.llama_model, params=params, verbose=False)
         self._batch = llama_cpp.llama_batch_init(max(owner.n_batch, self.batch_size), 0, 1)
         self._positions = [len(p) for p in prompts]
-        self._logits = self._prefill(prompts)
+        self._logits = self._prefill(prompts, keep)
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Decode (seq, pos, token, want_logits) items in one llama_decode call; return wanted rows."""
@@ -77,12 +77,13 @@ class LlamaCppSession:
                 rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
         return rows
 
-    def _prefill(self, prompts: Sequence[Sequence[int]]) -> Any:
+    def _prefill(self, prompts: Sequence[Sequence[int]], keep: int = 1) -> Any:
+        """Evaluate the prompts; logits of the last ``keep`` positions of each, by sequence then position."""
         import numpy as np
         import torch
 
         items = [
-            (seq, pos, int(tok), pos == len(p) - 1)
+            (seq, pos, int(tok), pos >= len(p) - keep)
             for seq, p in enumerate(prompts)
             for pos, tok in enumerate(p)
         ]
@@ -182,6 +183,10 @@ class LlamaCppModel:
         self.eos_token_ids = frozenset(int(t) for t in eos if t >= 0)
         self._vocab: list[str] | None = None
         self._chat: Any = None
+        self.has_chat_template = bool(self.llama_model.metadata().get("tokenizer.chat_template"))
+        #: longest sequence a row may hold (the context it was opened with)
+        self.max_context = n_ctx
+        self.unk_token_id: int | None = None
 
     def vocab(self) -> list[str]:
         """Token texts by id, as stored in the GGUF file."""
@@ -189,9 +194,11 @@ class LlamaCppModel:
             self._vocab = [self.llama_model.token_get_text(i) for i in range(self.vocab_size)]
         return self._vocab
 
-    def encode(self, text: str) -> list[int]:
-        """Plain-text token ids (BOS added when the model asks for it; special tokens as text)."""
-        return list(self.llama_model.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Plain-text token ids (BOS added when the model asks for it, unless told not to)."""
+        return list(
+            self.llama_model.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)
+        )
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Chat-template token ids from the GGUF's ``tokenizer.chat_template``."""
@@ -236,6 +243,18 @@ class LlamaCppModel:
             if not prompt:
                 raise InputError(f"prompt {i} encodes to no tokens for model {self.name!r}")
         return LlamaCppSession(self, prompts)
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], keep: int = 1) -> Any:
+        """Log-softmax at the last ``keep`` positions of each sequence (one sequence per llama.cpp row)."""
+        import torch
+
+        if not seqs or any(not s for s in seqs):
+            raise InputError(f"logprobs() needs non-empty sequences (model {self.name!r})")
+        if keep < 1 or keep > min(len(s) for s in seqs):
+            raise InputError(f"keep={keep} must be between 1 and the shortest sequence")
+        with LlamaCppSession(self, seqs, keep=keep) as session:
+            rows = session.logits()  # [batch * keep, vocab], row-major by sequence
+        return torch.log_softmax(rows.view(len(seqs), keep, -1), dim=-1)
 
     def close(self) -> None:
         """Free the model weights."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import InputError, MissingLogprobsError, ProviderError
+from ..errors import InputError, MalformedResponseError, MissingLogprobsError
 from ..types import TokenLogprob, Usage
 from .base import Prompt
 
@@ -91,10 +91,11 @@ def token_logprob(entry: Mapping[str, Any]) -> TokenLogprob:
 
 
 def first_choice(body: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    """The first choice of a response, or a ProviderError when there is none."""
+    """The first choice of a response, or a MalformedResponseError (retried) when there is none."""
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        raise ProviderError(f"{where} returned no choices: {str(dict(body))[:300]}")
+        keys = ", ".join(sorted(str(k) for k in body)[:10]) or "none"
+        raise MalformedResponseError(f"{where} returned no choices (top-level fields: {keys})")
     return choices[0]
 
 
@@ -139,7 +140,7 @@ def legacy_lists(lp: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[Any]
         return None
     n = len(tokens)
     if len(values) != n:
-        raise ProviderError(f"logprobs has {n} tokens but {len(values)} token_logprobs")
+        raise MalformedResponseError(f"logprobs has {n} tokens but {len(values)} token_logprobs")
     top = lp.get("top_logprobs")
     offsets = lp.get("text_offset")
     top = top if isinstance(top, list) and len(top) == n else [None] * n

@@ -28,7 +28,16 @@ from typing import Any
 
 from ..errors import InputError, MissingLogprobsError, ProviderError
 from ..types import TokenLogprob, TopLogprobs, Usage
-from .base import OPENAI_COMPLETIONS_MAX_LOGPROBS, Prompt
+from .base import OPENAI_COMPLETIONS_MAX_LOGPROBS, Prompt, ProviderOptions, register_provider
+from .continuation import (
+    CONTINUE,
+    CONTINUE_IDS,
+    Continuation,
+    check_block,
+    check_block_size,
+    check_prefix,
+    parse_completion_positions,
+)
 from .openai_common import (
     check_k,
     first_choice,
@@ -39,7 +48,7 @@ from .openai_common import (
     to_text,
     usage_of,
 )
-from .openai_provider import OpenAIProviderBase
+from .openai_provider import OpenAIProviderBase, openai_max_k, openai_provider_kwargs
 
 ENDPOINT = "completions"
 #: echo layouts: OpenAI's (entry i scores token i) or shifted by one (entry i predicts token i+1)
@@ -81,7 +90,11 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
     """
 
     kind = "openai-completions"
+    endpoint = "completions"
     default_max_k = OPENAI_COMPLETIONS_MAX_LOGPROBS
+    #: continue a raw prefix; the prompt may be token ids (OpenAI legacy, vLLM, llama-server; not
+    #: llama-cpp-python's server, whose prompt is text only)
+    capabilities: frozenset[str] = frozenset({CONTINUE, CONTINUE_IDS})
 
     def __init__(
         self, model: str, base_url: str | None = None, api_key: str | None = None, **options: Any
@@ -114,7 +127,8 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
             raise MissingLogprobsError(
                 f"{self._where} generated no token (finish_reason={choice.get('finish_reason')!r}): the "
                 "model ended its output at once, so the server returned no log-probs for that position. "
-                "Use the chat endpoint, or a prompt that ends where the answer starts"
+                "Use the chat endpoint, or a prompt that ends where the answer starts",
+                transient=False,  # the same at temperature 0 every time: not worth paying again
             )
         if not isinstance(lp, Mapping):
             raise no_logprobs_error(self._where)
@@ -155,6 +169,62 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
             ENDPOINT, self.model, params, send, lambda b: self.parse(b, k)
         )
         return self.parse(body, k, cached=cached)
+
+    # -- continuing a raw prefix (open-ended black-box generation) --------------------------------
+    def continue_params(self, prefix: str | Sequence[int], n: int, k: int) -> dict[str, Any]:
+        """The request for ``n`` greedy tokens after ``prefix`` (text or token ids), top-k at each."""
+        check_k(k, self.max_k, self.kind)
+        params: dict[str, Any] = {
+            "model": self.model,
+            "prompt": check_prefix(prefix, self.kind, ids_ok=True),
+            "max_tokens": check_block_size(n, self.kind),  # never 0: llama.cpp reads 0 as unlimited
+            "temperature": 0,
+            "logprobs": k,
+        }
+        params.update(self.extra_params)
+        return params
+
+    def parse_continuation(
+        self, body: Mapping[str, Any], n: int, k: int, *, cached: bool = False, sent_ids: bool = False
+    ) -> Continuation:
+        """Every generated position of a Completions answer (legacy lists or llama-server's content)."""
+        where = self._where
+        choice = first_choice(body, where)
+        finish = choice.get("finish_reason")
+        text = choice.get("text") if isinstance(choice.get("text"), str) else ""
+        lp = choice.get("logprobs")
+        usage = usage_of(body, cached)
+        if not isinstance(lp, Mapping):
+            if not text and finish == "stop" and usage.completion_tokens == 0:
+                positions: tuple[TopLogprobs, ...] = ()  # the model ended at once: nothing to score
+            else:
+                raise no_logprobs_error(where)
+        else:
+            positions = parse_completion_positions(lp, k, where, self.model, self.kind)
+        check_block(positions, n, finish, where)
+        if not positions and finish == "length":
+            raise MissingLogprobsError(f"{where} returned no generated token and finish_reason 'length'")
+        return Continuation(positions, finish, n, k, text, usage, self.model, self.kind, sent_ids)
+
+    def continue_prefix(self, prefix: str | Sequence[int], n: int, k: int = 5) -> Continuation:
+        """``n`` greedy tokens after the raw ``prefix`` (text, or token ids), each with its top-k."""
+        params = self.continue_params(prefix, n, k)
+        ids = not isinstance(prefix, str)
+        body, cached = self._send(params, lambda b: self.parse_continuation(b, n, k, sent_ids=ids))
+        return self.parse_continuation(body, n, k, cached=cached, sent_ids=ids)
+
+    async def acontinue_prefix(self, prefix: str | Sequence[int], n: int, k: int = 5) -> Continuation:
+        """Async twin of :meth:`continue_prefix`."""
+        params = self.continue_params(prefix, n, k)
+        ids = not isinstance(prefix, str)
+
+        async def send(client: Any, p: dict[str, Any]) -> Any:
+            return await client.completions.create(**p)
+
+        body, cached = await self.transport.acall(
+            ENDPOINT, self.model, params, send, lambda b: self.parse_continuation(b, n, k, sent_ids=ids)
+        )
+        return self.parse_continuation(body, n, k, cached=cached, sent_ids=ids)
 
     # -- echo scoring ------------------------------------------------------------------------------
     def _echo(self, text: str, k: int) -> tuple[list[Any], list[Any], list[Any], list[Any], Usage]:
@@ -277,3 +347,13 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
     def score_many(self, prompt: str, continuations: Sequence[str]) -> list[ContinuationScore]:
         """:meth:`score_text` for several continuations of one prompt (e.g. answer options)."""
         return [self.score_text(prompt, c) for c in continuations]
+
+
+@register_provider("openai-completions")
+def _openai_completions(options: ProviderOptions) -> OpenAICompletionsProvider:
+    """Legacy OpenAI Completions (or any compatible server at ``base_url``): prompt text only."""
+    return OpenAICompletionsProvider(
+        options.model,
+        max_k=openai_max_k(options, OPENAI_COMPLETIONS_MAX_LOGPROBS),
+        **openai_provider_kwargs(options),
+    )

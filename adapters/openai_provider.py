@@ -15,13 +15,18 @@ class OpenAIProviderBase:
     """Base of the Chat and Completions providers; subclasses set ``kind`` and ``default_max_k``.
 
     ``base_url`` / ``api_key`` come from the arguments, else OPENAI_BASE_URL / OPENAI_API_KEY; a local
-    server without a key gets a dummy one. ``max_k`` is the largest k accepted (``"default"`` = the
-    endpoint's OpenAI limit; None for servers without a limit such as llama.cpp). ``extra_params``
-    are sent with every request.
+    server without a key gets a dummy one. ``timeout``, ``late_wait``, ``deadline``, ``max_retries``
+    and the backoff settings go to :class:`~blackbox_proxy.transport.Transport` (see there).
+    ``max_k`` is the largest k accepted (``"default"`` = the endpoint's OpenAI limit; None for
+    servers without a limit such as llama.cpp). ``extra_params`` are sent with every request.
     """
 
     kind = "openai"
+    #: the prompt form: "chat" messages or "completions" text (set by each subclass)
+    endpoint = "chat"
     default_max_k: int | None = None
+    #: optional features (see adapters/base.py); subclasses extend it
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -37,6 +42,8 @@ class OpenAIProviderBase:
         extra_params: Mapping[str, Any] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 20.0,
+        late_wait: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.model = check_model(model, self.kind)
         self.max_k = self.default_max_k if max_k == "default" else max_k
@@ -50,7 +57,14 @@ class OpenAIProviderBase:
             cache=cache,
             backoff_initial=backoff_initial,
             backoff_max=backoff_max,
+            late_wait=late_wait,
+            deadline=deadline,
         )
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests the transport lets run at once."""
+        return self.transport.max_concurrency
 
     @property
     def base_url(self) -> str:
@@ -66,3 +80,24 @@ class OpenAIProviderBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, api_key='***')"
+
+
+def openai_max_k(options: Any, default: int) -> int | None:
+    """The k limit for ``options``: explicit (0 = none), else OpenAI's own at api.openai.com, none elsewhere."""
+    if options.max_k != "default":
+        return options.max_k or None
+    url = options.resolved_base_url() or "https://api.openai.com/v1"
+    return default if "api.openai.com" in url else None
+
+
+def openai_provider_kwargs(options: Any) -> dict[str, Any]:
+    """Constructor arguments of an OpenAI-protocol provider from ProviderOptions (key read from the env)."""
+    return {
+        "base_url": options.resolved_base_url(),
+        "api_key": options.api_key(),
+        "timeout": options.timeout,
+        "max_retries": options.max_retries,
+        "max_concurrency": options.max_concurrency,
+        "cache": options.cache,
+        "extra_params": dict(options.extra) or None,
+    }

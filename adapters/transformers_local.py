@@ -113,6 +113,10 @@ class TransformersModel:
         if pad is None:
             pad = min(self.eos_token_ids) if self.eos_token_ids else 0
         self.pad_token_id = int(pad)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        #: longest sequence the model takes (its position embeddings)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+        self.unk_token_id = tokenizer.unk_token_id
         self._vocab: list[str] | None = None
 
     @classmethod
@@ -134,9 +138,9 @@ class TransformersModel:
             self._vocab = texts
         return self._vocab
 
-    def encode(self, text: str) -> list[int]:
-        """Plain-text token ids, including the special tokens the tokenizer adds itself."""
-        return list(self.tokenizer(text)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Plain-text token ids, with the special tokens the tokenizer adds itself unless told not to."""
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Chat-template token ids ending with the assistant turn's opening."""
@@ -159,6 +163,29 @@ class TransformersModel:
             if not prompt:
                 raise InputError(f"prompt {i} encodes to no tokens for model {self.name!r}")
         return TransformersSession(self.model, prompts, self.pad_token_id)
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], keep: int = 1) -> Any:
+        """Log-softmax at the last ``keep`` positions of each sequence: one left-padded forward pass."""
+        import torch
+
+        if not seqs or any(not s for s in seqs):
+            raise InputError(f"logprobs() needs non-empty sequences (model {self.name!r})")
+        width = max(len(s) for s in seqs)
+        if keep < 1 or keep > min(len(s) for s in seqs):
+            raise InputError(f"keep={keep} must be between 1 and the shortest sequence's length")
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        with torch.inference_mode():
+            try:
+                logits = self.model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+            except TypeError:  # models whose forward has no logits_to_keep
+                logits = self.model(**kwargs, use_cache=False).logits
+            return torch.log_softmax(logits[:, -keep:, :].float(), dim=-1)
 
     def __repr__(self) -> str:
         return f"TransformersModel({self.name!r})"

@@ -19,7 +19,7 @@ from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
 
 from blackbox_proxy.evaluation.datasets import load_dataset
 from blackbox_proxy.experts import ExpertPair
-from blackbox_proxy.models import load_causal_lm
+from blackbox_proxy.models import load_model
 from blackbox_proxy.rerank import Reranker
 from blackbox_proxy.server import LocalServer
 
@@ -48,7 +48,9 @@ def main() -> None:
     single_n = min(args.single_n or len(questions), len(questions))
     if args.expert == args.anti_expert:  # time two real forward passes, not one shared model
         pair = ExpertPair(
-            load_causal_lm(args.expert), load_causal_lm(args.anti_expert), batch_size=args.batch_size
+            load_model(args.expert, shared=False),
+            load_model(args.anti_expert, shared=False),
+            batch_size=args.batch_size,
         )
     else:
         pair = ExpertPair(args.expert, args.anti_expert, batch_size=args.batch_size)

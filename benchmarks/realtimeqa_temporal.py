@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from blackbox_proxy.cache import ResponseCache
     from blackbox_proxy.evaluation.plots import plot_alpha_sweep, plot_per_week
-    from blackbox_proxy.evaluation.runner import EvaluationRunner, LazyExpertPair
+    from blackbox_proxy.evaluation.runner import EvaluationRunner
     from blackbox_proxy.evaluation.stats import breakdown, missing_rates
+    from blackbox_proxy.experts import ExpertPair
     from blackbox_proxy.server import LocalServer
     from blackbox_proxy.training import TrainConfig, train_expert
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runner = EvaluationRunner(
             provider,
-            LazyExpertPair(str(expert_dir), args.anti_expert),
+            ExpertPair(str(expert_dir), args.anti_expert),
             k=args.top_logprobs,
             run_dir=out / "run",
         )
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.to_csv(out / "summary.csv", index=False)
     sweep = result.sweep(alphas)
     plot_alpha_sweep(sweep, out / "alpha_sweep.png", title=f"RealtimeQA {args.weeks}: accuracy vs alpha")
-    best = "proxy_correct@1" if 1.0 in alphas else f"proxy_correct@{alphas[-1]:g}"
+    best = "steered_correct@1" if 1.0 in alphas else f"steered_correct@{alphas[-1]:g}"
     plot_per_week(table[~table["all_missing"]], ["base_correct", best], out / "per_week.png")
     per_month = breakdown(table[~table["all_missing"]], "month", ["base_correct", "expert_correct", best])
     rates = missing_rates(table)

@@ -28,7 +28,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "ExpertPair": "blackbox_proxy.experts",
     "Reranker": "blackbox_proxy.rerank",
+    "MCRecord": "blackbox_proxy.rerank",
+    "derive": "blackbox_proxy.rerank",
     "steer": "blackbox_proxy.rerank",
+    "TopLogprobsProvider": "blackbox_proxy.adapters.base",
+    "FullLogitsModel": "blackbox_proxy.adapters.base",
+    "ProviderOptions": "blackbox_proxy.adapters.base",
+    "register_provider": "blackbox_proxy.adapters.base",
+    "create_provider": "blackbox_proxy.adapters.base",
+    "provider_names": "blackbox_proxy.adapters.base",
     "OpenAIChatProvider": "blackbox_proxy.adapters.openai_chat",
     "OpenAICompletionsProvider": "blackbox_proxy.adapters.openai_completions",
     "LlamaCppTopKProvider": "blackbox_proxy.adapters.llama_cpp_inprocess",
@@ -42,8 +50,10 @@ _LAZY = {
     "TrainConfig": "blackbox_proxy.training",
     "build_corpus": "blackbox_proxy.corpus",
     "EvaluationRunner": "blackbox_proxy.evaluation.runner",
+    "EvalResult": "blackbox_proxy.evaluation.runner",
     "load_dataset": "blackbox_proxy.evaluation.datasets",
     "load_causal_lm": "blackbox_proxy.models",
+    "load_model": "blackbox_proxy.models",
 }
 
 

@@ -17,8 +17,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from .dates import parse_date_range
 from .errors import InputError
-from .evaluation.datasets import parse_date_range, read_jsonl_records, strip_html
+from .files import iter_jsonl
+from .text import strip_html
 
 _WEEK_FILE = re.compile(r"^(\d{8})_(qa|gcs)\.jsonl$")
 
@@ -145,12 +147,12 @@ def build_corpus(
     seen_evidence: set[str] = set()
     stats.weeks, stats.first_week, stats.last_week = len(files), files[0][0], files[-1][0]
     for week, qa_path, gcs_path in tqdm(files, desc="build-corpus", unit="week", disable=not progress):
-        questions = [rec for _, rec in read_jsonl_records(qa_path)]
+        questions = [rec for _, rec in iter_jsonl(qa_path, what="RealtimeQA file")]
         stats.questions += len(questions)
         if gcs_path is None:
             stats.weeks_without_articles += 1
         else:
-            for _, rec in read_jsonl_records(gcs_path):
+            for _, rec in iter_jsonl(gcs_path, what="RealtimeQA search file"):
                 qid = str(rec.get("question_id", ""))
                 for art in rec.get("search_result") or []:
                     stats.articles_seen += 1

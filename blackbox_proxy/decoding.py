@@ -22,18 +22,19 @@ greedy ``generate`` token for token.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from .adapters.base import FullLogitsModel, LogitsSession, Prompt
 from .errors import InputError
+from .experts import ExpertPair, PromptFormat
 from .sampling import GenerationConfig, find_stop, select_tokens, streamable_prefix
 from .vocabulary import shared_vocab_size
 
-#: How one model reads the prompt: "plain" text, its "chat" template, or a function of the prompt
-#: returning the plain text to encode.
-PromptFormat = Union[Literal["plain", "chat"], Callable[[Prompt], str]]  # noqa: UP007 - readable alias
+#: The pair class of the decoder is the one pair class of the library.
+ProxyPair = ExpertPair
+
 
 __all__ = [
     "Generation",
@@ -88,27 +89,6 @@ def render_prompt(model: FullLogitsModel, prompt: Prompt, fmt: PromptFormat = "p
     if not ids:
         raise InputError(f"prompt encodes to no tokens for model {model.name!r}")
     return list(ids)
-
-
-@dataclass(frozen=True)
-class ProxyPair:
-    """One expert / anti-expert pair, its weight, and how each of the two reads the prompt."""
-
-    expert: FullLogitsModel
-    anti_expert: FullLogitsModel
-    alpha: float = 1.0
-    expert_format: PromptFormat = "plain"
-    anti_format: PromptFormat = "plain"
-
-    def __post_init__(self) -> None:
-        a = self.alpha
-        if (
-            isinstance(a, bool)
-            or not isinstance(a, (int, float))
-            or a != a
-            or a in (float("inf"), float("-inf"))
-        ):
-            raise InputError(f"alpha must be a finite number, got {a!r}")
 
 
 def pair_offset(expert_logprobs: Any, anti_logprobs: Any, alpha: float) -> Any:
@@ -418,22 +398,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def load_model(spec: str | os.PathLike[str], backend: str = "auto", **kwargs: Any) -> FullLogitsModel:
-    """Load a white-box model: backend "transformers", "llama-cpp", or "auto" (.gguf files on llama.cpp).
+    """:func:`blackbox_proxy.models.load_model`, re-exported where the decoder's users look for it."""
+    from .models import load_model as _load
 
-    A spec may also carry its backend as a prefix: ``llama-cpp:qwen2.5-coder-0.5b-instruct``.
-    """
-    s = str(spec)
-    for prefix in ("llama-cpp:", "transformers:"):
-        if s.startswith(prefix):
-            backend, s = prefix[:-1], s[len(prefix) :]
-    if backend == "auto":
-        backend = "llama-cpp" if s.lower().endswith(".gguf") else "transformers"
-    if backend == "transformers":
-        from .adapters.transformers_local import TransformersModel
-
-        return TransformersModel.from_spec(s, **kwargs)
-    if backend == "llama-cpp":
-        from .adapters.llama_cpp_local import LlamaCppModel
-
-        return LlamaCppModel(s, **kwargs)
-    raise InputError(f"unknown backend {backend!r}: use 'transformers', 'llama-cpp' or 'auto'")
+    return _load(spec, backend, **kwargs)

@@ -1,4 +1,9 @@
-"""Scoring answer candidates under a local expert / anti-expert pair (transformers, CPU, batched).
+"""The expert pair: a tuned expert and its untuned anti-expert, scoring answer candidates locally.
+
+Both models are :class:`~blackbox_proxy.adapters.base.FullLogitsModel` objects from the one local-model
+layer (:func:`blackbox_proxy.models.load_model`), so an expert can run on transformers or on llama.cpp
+(a GGUF file, or ``llama-cpp:SPEC``), chosen by its model spec. The same :class:`ExpertPair` drives
+full-logit decoding (:mod:`blackbox_proxy.decoding`) and multiple-choice scoring.
 
 Each model reads the prompt in its *own* format (its chat template for chat messages, plain text
 otherwise) and each candidate is found in its *own* tokenizer by text: the label ``"A"`` counts as
@@ -14,34 +19,24 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
+from .adapters.base import FullLogitsModel
 from .candidates import check_labels, logsumexp
 from .errors import CandidateError, InputError, MissingLogprobsError
 from .prompts import mc_messages, mc_text, messages_to_text
 from .types import MCQuestion
 
-#: What ExpertPair.score accepts per item: completion text, chat messages, or a question
-#: (rendered with :func:`mc_messages` or :func:`mc_text` depending on the model's chat template).
+#: What a pair scores per item: completion text, chat messages, or a question (rendered with
+#: :func:`mc_messages` or :func:`mc_text` depending on the model's chat template).
 PromptLike = Union[str, Sequence[Mapping[str, str]], MCQuestion]  # noqa: UP007 - readable alias
-#: A model spec (packaged name, GGUF file, folder, hub id) or an already loaded (model, tokenizer).
-ModelLike = Union[str, "os.PathLike[str]", tuple[Any, Any]]  # noqa: UP007
-
-_LOADED: dict[str, tuple[Any, Any]] = {}
-_LOAD_LOCK = threading.Lock()
-
-
-def load_shared(spec: str | os.PathLike[str]) -> tuple[Any, Any]:
-    """Load a model spec once per process (pairs sharing an anti-expert share its weights)."""
-    from .models import load_causal_lm
-
-    key = str(spec)
-    with _LOAD_LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = load_causal_lm(key)
-        return _LOADED[key]
+#: A model spec (packaged name, GGUF file, folder, hub id, ``llama-cpp:SPEC``) or a loaded model.
+ModelLike = Union[str, "os.PathLike[str]", FullLogitsModel]  # noqa: UP007
+#: How a model reads a prompt while decoding: "plain" text, its "chat" template, or a function
+#: of the prompt returning the plain text to encode (see :func:`blackbox_proxy.decoding.render_prompt`).
+PromptFormat = Union[Literal["plain", "chat"], Callable[[Any], str]]  # noqa: UP007
 
 
 @dataclass(frozen=True)
@@ -67,6 +62,22 @@ class PairScores:
         row["string_scored"] = "".join(self.string_scored)
         return row
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form for run stores (inverse of :meth:`from_json`)."""
+        return {
+            "expert": self.expert,
+            "anti_expert": self.anti_expert,
+            "string_scored": list(self.string_scored),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PairScores:
+        return cls(
+            {k: float(v) for k, v in d["expert"].items()},
+            {k: float(v) for k, v in d["anti_expert"].items()},
+            tuple(d.get("string_scored") or ()),
+        )
+
 
 @dataclass(frozen=True)
 class _Variants:
@@ -76,14 +87,12 @@ class _Variants:
     strings: tuple[tuple[int, ...], ...]
 
 
-class CausalScorer:
-    """One local causal LM scoring candidate continuations at the end of prompts."""
+class CandidateScorer:
+    """One local model scoring candidate continuations at the end of prompts (batched by length)."""
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
-        name: str = "",
+        model: FullLogitsModel,
         *,
         chat_template: bool = True,
         strict_single_token: bool = False,
@@ -92,38 +101,37 @@ class CausalScorer:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
-        self.tokenizer = tokenizer
-        self.name = (
-            name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        )
-        self.use_chat_template = bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
+        self.name = model.name
+        self.use_chat_template = bool(chat_template) and bool(model.has_chat_template)
         self.strict_single_token = strict_single_token
         self.batch_size = batch_size
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
         self._variants: dict[str, _Variants] = {}
+        self._lock = threading.Lock()
 
     # -- prompts -------------------------------------------------------------------------------
     def render(self, prompt: PromptLike) -> list[int]:
         """Token ids of a prompt in this model's own format (chat template when it has one)."""
-        tok = self.tokenizer
         if isinstance(prompt, MCQuestion):
             prompt = mc_messages(prompt) if self.use_chat_template else mc_text(prompt)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("empty prompt")
-            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            ids = self.model.encode(prompt)
         else:
             messages = [dict(m) for m in prompt]
+            if not messages:
+                raise InputError("empty chat prompt: no messages")
             if self.use_chat_template:
-                if not messages:
-                    raise InputError("empty chat prompt: no messages")
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
+                ids = self.model.encode_chat(messages)
             else:
-                ids = tok(messages_to_text(messages), add_special_tokens=True)["input_ids"]
+                ids = self.model.encode(messages_to_text(messages))
         if not ids:
             raise InputError(f"prompt renders to no tokens in {self.name}")
+        limit = self.model.max_context
+        if len(ids) > limit - 16:
+            raise InputError(
+                f"prompt has {len(ids)} tokens, more than {self.name}'s context of {limit}: question too long"
+            )
         return list(ids)
 
     # -- candidates ----------------------------------------------------------------------------
@@ -137,8 +145,8 @@ class CausalScorer:
         singles: list[int] = []
         strings: list[tuple[int, ...]] = []
         for text in dict.fromkeys((core, " " + core)):
-            ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
-            if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id:
+            ids = tuple(self.model.encode(text, add_special_tokens=False))
+            if len(ids) == 1 and ids[0] != self.model.unk_token_id:
                 if ids[0] not in singles:
                     singles.append(ids[0])
             elif ids and ids not in strings:
@@ -155,32 +163,13 @@ class CausalScorer:
         self._variants[label] = out
         return out
 
-    # -- forward passes ------------------------------------------------------------------------
-    def _batch_logprobs(self, seqs: Sequence[Sequence[int]], keep: int) -> Any:
-        """Log-softmax over the vocabulary at the last ``keep`` positions of each (left-padded) sequence."""
+    def _logprobs(self, seqs: Sequence[Sequence[int]], keep: int, what: str) -> Any:
         import torch
 
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        with torch.inference_mode():
-            try:
-                logits = self.model(**kwargs, logits_to_keep=keep, use_cache=False).logits
-            except TypeError:  # models whose forward has no logits_to_keep
-                logits = self.model(**kwargs, use_cache=False).logits
-            logits = logits[:, -keep:, :].float()
-            return torch.log_softmax(logits, dim=-1)
-
-    def _check_nan(self, lp: Any, what: str) -> None:
-        import torch
-
+        lp = self.model.logprobs(seqs, keep)
         if torch.isnan(lp).any():
             raise MissingLogprobsError(f"model {self.name} produced NaN log-probs ({what})")
+        return lp
 
     def score(
         self, prompts: Sequence[PromptLike], candidates: Sequence[Sequence[str]], progress: Any = None
@@ -192,62 +181,73 @@ class CausalScorer:
         cand_vars = [{lab: self.variants(lab) for lab in labs} for labs in candidates]
         out: list[dict[str, float]] = [{} for _ in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
-        # single-token candidates: one forward per batch, last position only
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            lp = self._batch_logprobs([rendered[i] for i in idx], keep=1)[:, -1, :]
-            self._check_nan(lp, f"prompts {idx}")
-            for row, i in enumerate(idx):
-                for lab, var in cand_vars[i].items():
-                    if var.single_ids:
-                        out[i][lab] = logsumexp(float(lp[row, t]) for t in var.single_ids)
-            if progress is not None:
-                progress.update(len(idx))
-        # multi-token candidates: teacher-forced continuation, sum of token log-probs
-        jobs = [
-            (i, lab, cont)
-            for i, vars_ in enumerate(cand_vars)
-            for lab, var in vars_.items()
-            if not var.single_ids
-            for cont in var.strings
-        ]
-        string_lps: dict[tuple[int, str], list[float]] = {}
-        jobs.sort(key=lambda j: len(rendered[j[0]]) + len(j[2]))
-        for start in range(0, len(jobs), self.batch_size):
-            chunk = jobs[start : start + self.batch_size]
-            keep = max(len(c) for _, _, c in chunk) + 1
-            lp = self._batch_logprobs([rendered[i] + list(c) for i, _, c in chunk], keep=keep)
-            self._check_nan(lp, "string candidates")
-            for row, (i, lab, cont) in enumerate(chunk):
-                n = len(cont)
-                # logits at position p predict token p+1: the continuation's tokens are the last n
-                total = sum(float(lp[row, keep - 1 - n + j, t]) for j, t in enumerate(cont))
-                string_lps.setdefault((i, lab), []).append(total)
+        with self._lock:  # one forward pass at a time per model (scorers may be shared across threads)
+            # single-token candidates: one forward per batch, last position only
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                lp = self._logprobs([rendered[i] for i in idx], 1, f"prompts {idx}")[:, -1, :]
+                for row, i in enumerate(idx):
+                    for lab, var in cand_vars[i].items():
+                        if var.single_ids:
+                            out[i][lab] = logsumexp(float(lp[row, t]) for t in var.single_ids)
+                if progress is not None:
+                    progress.update(len(idx))
+            # multi-token candidates: teacher-forced continuation, sum of token log-probs
+            jobs = [
+                (i, lab, cont)
+                for i, vars_ in enumerate(cand_vars)
+                for lab, var in vars_.items()
+                if not var.single_ids
+                for cont in var.strings
+            ]
+            string_lps = self._continuations(rendered, jobs)
         for (i, lab), vals in string_lps.items():
             out[i][lab] = logsumexp(vals)
         for i, labs in enumerate(candidates):
             for lab in labs:
-                v = out[i][lab]
-                if math.isnan(v):
+                if math.isnan(out[i][lab]):
                     raise MissingLogprobsError(f"model {self.name}: NaN log-prob for candidate {lab!r}")
         return [{lab: out[i][lab] for lab in labs} for i, labs in enumerate(candidates)]
 
+    def _continuations(
+        self, rendered: Sequence[Sequence[int]], jobs: Sequence[tuple[int, str, Sequence[int]]]
+    ) -> dict[tuple[int, str], list[float]]:
+        """Sum of token log-probs of each job's continuation after its prompt, batched by length."""
+        out: dict[tuple[int, str], list[float]] = {}
+        jobs = sorted(jobs, key=lambda j: len(rendered[j[0]]) + len(j[2]))
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start : start + self.batch_size]
+            keep = max(len(c) for _, _, c in chunk) + 1
+            seqs = [list(rendered[i]) + list(c) for i, _, c in chunk]
+            lp = self._logprobs(seqs, min(keep, min(len(s) for s in seqs)), "string candidates")
+            width = lp.shape[1]
+            for row, (i, lab, cont) in enumerate(chunk):
+                n = len(cont)
+                # logits at position p predict token p+1: the continuation's tokens are the last n
+                total = sum(float(lp[row, width - 1 - n + j, t]) for j, t in enumerate(cont))
+                out.setdefault((i, lab), []).append(total)
+        return out
 
-def _as_scorer(m: ModelLike, **opts: Any) -> CausalScorer:
-    if isinstance(m, tuple):
-        if len(m) != 2:
-            raise InputError("a loaded model must be given as a (model, tokenizer) tuple")
-        return CausalScorer(m[0], m[1], **opts)
-    model, tok = load_shared(m)
-    return CausalScorer(model, tok, name=str(m), **opts)
+
+#: The name of round 1; the scorer now runs on any FullLogitsModel backend.
+CausalScorer = CandidateScorer
+
+
+def _finite_alpha(a: Any) -> float:
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+        raise InputError(f"alpha must be a finite number, got {a!r}")
+    return float(a)
 
 
 class ExpertPair:
-    """A tuned expert and its untuned anti-expert, scoring answer candidates locally.
+    """A tuned expert and its untuned anti-expert: the one pair class of every path.
 
-    ``expert`` / ``anti_expert`` are model specs (see :mod:`blackbox_proxy.models`) or loaded
-    ``(model, tokenizer)`` tuples. ``chat_template=False`` makes both read plain text
-    (:func:`~blackbox_proxy.prompts.mc_text`) even when they have a chat template.
+    ``expert`` / ``anti_expert`` are model specs (see :mod:`blackbox_proxy.models`; the backend
+    follows the spec, or ``backend``) or loaded FullLogitsModels. Specs load on first use, so a
+    resumed run that needs no scoring loads nothing. ``alpha`` is the pair's weight where the caller
+    does not give one. Multiple choice: ``chat_template=False`` makes both read plain text
+    (:func:`~blackbox_proxy.prompts.mc_text`) even when they have a chat template. Decoding:
+    ``expert_format`` / ``anti_format`` say how each reads the prompt ("plain", "chat" or a function).
     """
 
     def __init__(
@@ -255,29 +255,103 @@ class ExpertPair:
         expert: ModelLike,
         anti_expert: ModelLike,
         *,
+        alpha: float = 1.0,
         chat_template: bool = True,
         strict_single_token: bool = False,
         batch_size: int = 8,
+        backend: str = "auto",
+        expert_format: PromptFormat = "plain",
+        anti_format: PromptFormat = "plain",
+        load_options: Mapping[str, Any] | None = None,
     ) -> None:
-        opts = {
-            "chat_template": chat_template,
-            "strict_single_token": strict_single_token,
-            "batch_size": batch_size,
-        }
-        self.expert = _as_scorer(expert, **opts)
-        same = anti_expert is expert or (
-            not isinstance(expert, tuple)
-            and not isinstance(anti_expert, tuple)
-            and str(expert) == str(anti_expert)
-        )
-        self.anti_expert = self.expert if same else _as_scorer(anti_expert, **opts)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.alpha = _finite_alpha(alpha)
+        self.expert_spec, self.anti_spec = expert, anti_expert
+        self.chat_template = bool(chat_template)
+        self.strict_single_token = strict_single_token
         self.batch_size = batch_size
+        self.backend = backend
+        self.expert_format, self.anti_format = expert_format, anti_format
+        self.load_options = dict(load_options or {})
+        self._models: dict[str, FullLogitsModel] = {}
+        self._scorers: dict[str, CandidateScorer] = {}
+        self._lock = threading.Lock()
+        if not isinstance(expert, (str, os.PathLike)):
+            self._models["expert"] = expert
+        if not isinstance(anti_expert, (str, os.PathLike)):
+            self._models["anti"] = anti_expert
+
+    # -- models --------------------------------------------------------------------------------
+    def _model(self, role: str) -> FullLogitsModel:
+        with self._lock:
+            if role not in self._models:
+                from .models import load_model
+
+                spec = self.expert_spec if role == "expert" else self.anti_spec
+                self._models[role] = load_model(spec, self.backend, **self.load_options)
+            return self._models[role]
+
+    @property
+    def expert(self) -> FullLogitsModel:
+        """The expert model (loaded now if needed)."""
+        return self._model("expert")
+
+    @property
+    def anti_expert(self) -> FullLogitsModel:
+        """The anti-expert model (loaded now if needed; the expert itself when both specs are equal)."""
+        if self.same_models():
+            return self.expert
+        return self._model("anti")
+
+    def same_models(self) -> bool:
+        """Whether expert and anti-expert are one model (the offset is then exactly zero)."""
+        e, a = self.expert_spec, self.anti_spec
+        if isinstance(e, (str, os.PathLike)) and isinstance(a, (str, os.PathLike)):
+            return str(e) == str(a)
+        return e is a
+
+    def scorer(self, role: str) -> CandidateScorer:
+        """The candidate scorer of "expert" or "anti" (built on first use)."""
+        if role == "anti" and self.same_models():
+            role = "expert"
+        with self._lock:
+            cached = self._scorers.get(role)
+        if cached is not None:
+            return cached
+        model = self.expert if role == "expert" else self.anti_expert
+        s = CandidateScorer(
+            model,
+            chat_template=self.chat_template,
+            strict_single_token=self.strict_single_token,
+            batch_size=self.batch_size,
+        )
+        with self._lock:
+            return self._scorers.setdefault(role, s)
+
+    def identity(self) -> dict[str, Any]:
+        """What the pair's scores depend on (names and settings), without loading anything."""
+
+        def name(m: Any) -> str:
+            return str(m) if isinstance(m, (str, os.PathLike)) else str(getattr(m, "name", m))
+
+        return {
+            "expert": name(self.expert_spec),
+            "anti_expert": name(self.anti_spec),
+            "chat_template": self.chat_template,
+            "backend": self.backend,
+        }
 
     @property
     def name(self) -> str:
         """``expert - anti_expert``, for reports."""
-        return f"{self.expert.name} - {self.anti_expert.name}"
+        ident = self.identity()
+        return f"{ident['expert']} - {ident['anti_expert']}"
 
+    def __repr__(self) -> str:
+        return f"ExpertPair({self.name!r}, alpha={self.alpha:g})"
+
+    # -- scoring -------------------------------------------------------------------------------
     def score(
         self,
         prompts: Sequence[PromptLike],
@@ -300,16 +374,15 @@ class ExpertPair:
             raise InputError(f"{len(prompts)} prompts but {len(per_prompt)} candidate lists")
         for labs in per_prompt:
             check_labels(labs)
+        exp_s, anti_s = self.scorer("expert"), self.scorer("anti")
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=2 * len(prompts), desc="expert pair", unit="prompt", leave=False)
         try:
-            exp = self.expert.score(prompts, per_prompt, bar)
-            anti = (
-                exp if self.anti_expert is self.expert else self.anti_expert.score(prompts, per_prompt, bar)
-            )
+            exp = exp_s.score(prompts, per_prompt, bar)
+            anti = exp if anti_s is exp_s else anti_s.score(prompts, per_prompt, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -318,7 +391,17 @@ class ExpertPair:
             strs = tuple(
                 lab
                 for lab in labs
-                if not self.expert.variants(lab).single_ids or not self.anti_expert.variants(lab).single_ids
+                if not exp_s.variants(lab).single_ids or not anti_s.variants(lab).single_ids
             )
             out.append(PairScores(e, a, strs))
         return out
+
+    def score_options(self, questions: Sequence[MCQuestion], *, calibration: str | None = None) -> list[Any]:
+        """Option-text scores of each question (see :mod:`blackbox_proxy.option_scoring`)."""
+        from .option_scoring import DEFAULT_CALIBRATION, score_options
+
+        return score_options(self, questions, calibration=calibration or DEFAULT_CALIBRATION)
+
+
+#: The decoder's name for a pair (one class serves decoding and scoring).
+ProxyPair = ExpertPair

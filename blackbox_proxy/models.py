@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +325,56 @@ def load_causal_lm(spec: str | os.PathLike[str], dtype: Any = None, device: str 
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+BACKENDS = ("auto", "transformers", "llama-cpp")
+
+_LOADED: dict[tuple[str, str, tuple[tuple[str, Any], ...]], Any] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def split_backend(spec: str | os.PathLike[str], backend: str = "auto") -> tuple[str, str]:
+    """(backend, spec) with a ``llama-cpp:`` / ``transformers:`` prefix of the spec taken as the backend.
+
+    "auto" picks llama.cpp for ``.gguf`` files and transformers for everything else.
+    """
+    s = str(spec)
+    for prefix in ("llama-cpp:", "transformers:"):
+        if s.startswith(prefix):
+            backend, s = prefix[:-1], s[len(prefix) :]
+    if backend not in BACKENDS:
+        raise ModelSpecError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "llama-cpp" if s.lower().endswith(".gguf") else "transformers"
+    return backend, s
+
+
+def load_model(
+    spec: str | os.PathLike[str], backend: str = "auto", *, shared: bool = True, **kwargs: Any
+) -> Any:
+    """The one loader of local models: a FullLogitsModel on transformers or llama.cpp.
+
+    ``backend`` is "transformers", "llama-cpp" or "auto" (.gguf files on llama.cpp); a spec may carry
+    it as a prefix (``llama-cpp:qwen2.5-coder-0.5b-instruct``). With ``shared`` (the default) a spec
+    loaded twice with the same settings is the same object, so pairs sharing an anti-expert, the
+    decoder and the scorer share its weights.
+    """
+    backend, s = split_backend(spec, backend)
+    key = (backend, s, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _LOADED_LOCK:
+        if shared and key in _LOADED:
+            return _LOADED[key]
+        if backend == "transformers":
+            from .adapters.transformers_local import TransformersModel
+
+            model = TransformersModel.from_spec(s, **kwargs)
+        else:
+            from .adapters.llama_cpp_local import LlamaCppModel
+
+            model = LlamaCppModel(s, **kwargs)
+        if shared:
+            _LOADED[key] = model
+        return model
 
 
 def list_models() -> list[dict[str, Any]]:

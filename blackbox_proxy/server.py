@@ -56,7 +56,12 @@ class LocalServer:
     ) -> None:
         if not name or not str(name).strip():
             raise InputError("the served model name must not be empty")
-        if port is not None and not (0 < int(port) < 65536):
+        for label, value, low in (("port", port, 1), ("n_ctx", n_ctx, 16), ("n_threads", n_threads, 1)):
+            if value is None and label == "port":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{label} must be an integer >= {low}, got {value!r}")
+        if port is not None and port > 65535:
             raise InputError(f"port must be in 1..65535, got {port}")
         self.spec = str(spec)
         self.model = str(name)

@@ -4,6 +4,16 @@ The output folder is a model spec that :func:`blackbox_proxy.models.load_causal_
 transformers model (``save_pretrained`` + tokenizer), a LoRA adapter whose base is a local folder
 (loads offline), or merged LoRA weights; plus ``expert_card.json`` describing how it was made.
 
+**The document recipe** (the default for document data, measured in benchmarks/RESULTS.md): a LoRA
+adapter (r 16 on every linear layer, lr 1e-3) trained on the documents, on question renderings
+derived from the documents themselves (:func:`~.training_data.question_renderings`, so a fact is
+retrievable by a question in the cloze form option scoring uses), and on replayed general text
+sampled from the untouched model (so what it knew is kept); every ``eval_every`` steps the loss on
+a held-out slice of the documents (when there are enough) and on held-out replay text is logged to
+``training_log.csv`` (+ PNG) and the card; training stops early when the held-out document loss
+stops improving or the general loss rises by more than ``max_general_rise`` nats, and the best
+weights are kept. Prompt/response pairs keep plain fine-tuning (full weights, lr 5e-5, 1 epoch).
+
 Training is deterministic for a seed: batches come from :class:`~.training_data.BatchPlan`, and a
 checkpoint (trainable weights, optimizer, scheduler, RNG states, step) lets ``resume=True`` continue
 without repeating finished steps.
@@ -19,7 +29,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,8 +42,10 @@ from .training_data import (
     collate,
     data_sha256,
     load_examples,
+    question_renderings,
     tokenize_documents,
     tokenize_pairs,
+    tokenize_renderings,
 )
 
 log = logging.getLogger(__name__)
@@ -63,23 +75,77 @@ _TRAJECTORY = (
     "max_grad_norm",
     "chat_template",
     "kind",
+    "renderings",
+    "replay",
+    "replay_data",
+    "heldout_fraction",
+    "eval_every",
+    "patience",
+    "max_general_rise",
 )
+#: what the document recipe sets where a field is left at None (see the module docstring)
+DOCUMENT_RECIPE: dict[str, Any] = {
+    "lora": True,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lr": 1e-3,
+    "epochs": "auto",
+    "renderings": True,
+    "replay": 0.5,
+}
+#: the same fields for prompt/response pairs: plain fine-tuning as before
+PAIR_RECIPE: dict[str, Any] = {
+    "lora": False,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lr": None,
+    "epochs": 1.0,
+    "renderings": False,
+    "replay": 0.0,
+}
+#: the automatic epoch count of documents: at least this many optimizer steps, at most MAX_AUTO_EPOCHS
+MIN_AUTO_STEPS = 60
+MAX_AUTO_EPOCHS = 12
+#: self-sampled replay: prompts (generic, never evaluation questions) and tokens per sample
+REPLAY_PROMPTS = (
+    "Question:",
+    "The",
+    "Question: What",
+    "In the",
+    "Question: Which",
+    "Scientists",
+    "Question: Why",
+    "Many people",
+    "Question: Who",
+    "The history of",
+    "Question: How",
+    "A",
+)
+REPLAY_TOKENS = 64
+HELDOUT_REPLAY = 16
+#: documents needed before a held-out slice is taken (fewer: every document trains)
+MIN_HELDOUT_DOCS = 20
+LOG_CSV = "training_log.csv"
+LOG_PNG = "training_log.png"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to fine-tune. ``lr=None`` picks 5e-5 for full fine-tuning and 2e-4 for LoRA."""
+    """How to fine-tune. Fields left at None take the recipe of the data kind (:meth:`for_kind`).
 
-    epochs: float = 1.0
+    ``lr=None`` (after the recipe) picks 5e-5 for full fine-tuning and 2e-4 for LoRA.
+    """
+
+    epochs: float | str | None = None
     max_steps: int | None = None
     lr: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
     max_seq_len: int = 256
     packing: bool = True
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora: bool | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
     merge_lora: bool = False
@@ -94,6 +160,21 @@ class TrainConfig:
     chat_template: bool = True
     kind: str = "auto"
     progress: bool = True
+    renderings: bool | None = None
+    replay: float | None = None
+    replay_data: str | None = None
+    heldout_fraction: float = 0.1
+    eval_every: int | None = None
+    patience: int = 3
+    max_general_rise: float = 0.15
+
+    def for_kind(self, kind: str) -> TrainConfig:
+        """This config with every None field taken from the recipe of ``kind`` ("text" or "sft")."""
+        recipe = dict(DOCUMENT_RECIPE if kind == "text" else PAIR_RECIPE)
+        if self.lora is not None and self.lora != recipe["lora"]:
+            recipe.update(lr=None, lora_r=8, lora_alpha=16)  # the other mode's plain defaults
+        filled = {k: v for k, v in recipe.items() if getattr(self, k) is None}
+        return replace(self, **filled)
 
     @property
     def learning_rate(self) -> float:
@@ -104,15 +185,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise InputError naming the first bad setting."""
+        epochs_ok = self.epochs in (None, "auto") or (
+            isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)
+        )
         checks = [
-            (self.epochs > 0 and math.isfinite(self.epochs), f"epochs must be > 0, got {self.epochs}"),
+            (epochs_ok, f"epochs must be > 0 or 'auto', got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be > 0, got {self.lr}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}"),
-            (self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (self.lora_r is None or self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}"),
+            (
+                self.lora_alpha is None or self.lora_alpha > 0,
+                f"lora_alpha must be > 0, got {self.lora_alpha}",
+            ),
             (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.save_every >= 0, f"save_every must be >= 0 (0 = never), got {self.save_every}"),
@@ -130,7 +217,18 @@ class TrainConfig:
                 self.kind in ("auto", "text", "sft"),
                 f"unknown data kind {self.kind!r}; choose auto, text or sft",
             ),
-            (not self.merge_lora or self.lora, "merge_lora needs lora=True"),
+            (not self.merge_lora or self.lora is not False, "merge_lora needs lora=True"),
+            (self.replay is None or 0 <= self.replay <= 10, f"replay must be in [0, 10], got {self.replay}"),
+            (
+                0 <= self.heldout_fraction < 1,
+                f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}",
+            ),
+            (
+                self.eval_every is None or self.eval_every >= 1,
+                f"eval_every must be >= 1, got {self.eval_every}",
+            ),
+            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (self.max_general_rise > 0, f"max_general_rise must be > 0, got {self.max_general_rise}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -166,6 +264,11 @@ class TrainResult:
     resumed_from_step: int
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    eval_log: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = 0
+    early_stop: str = ""
+    data_counts: dict[str, int] = field(default_factory=dict)
+    prepare_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -376,10 +479,176 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def _split_heldout(texts: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): a seeded slice once there are MIN_HELDOUT_DOCS."""
+    n_held = int(round(len(texts) * cfg.heldout_fraction))
+    if len(texts) < MIN_HELDOUT_DOCS or n_held < 1:
+        return texts, []
+    order = list(range(len(texts)))
+    random.Random(cfg.seed + 7919).shuffle(order)
+    held = set(order[:n_held])
+    return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
+
+
+def _sample_replay(model: Any, tok: Any, n: int, seed: int) -> list[str]:
+    """``n`` general texts sampled from the untouched model (adapters disabled), seeded."""
+    import contextlib
+
+    import torch
+
+    disable = getattr(model, "disable_adapter", None)
+    ctx = disable() if callable(disable) else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    side, tok.padding_side = tok.padding_side, "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gen = torch.Generator().manual_seed(seed + 104729)
+    texts: list[str] = []
+    try:
+        with ctx, torch.inference_mode():
+            for start in range(0, n, 16):
+                prompts = [REPLAY_PROMPTS[i % len(REPLAY_PROMPTS)] for i in range(start, min(n, start + 16))]
+                enc = tok(prompts, return_tensors="pt", padding=True)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                ids = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=0.8,
+                    top_p=0.95,
+                    max_new_tokens=REPLAY_TOKENS,
+                    pad_token_id=pad,
+                )
+                width = enc["input_ids"].shape[1]
+                for p, row in zip(prompts, ids, strict=True):
+                    texts.append(p + tok.decode(row[width:], skip_special_tokens=True))
+    finally:
+        tok.padding_side = side
+        if was_training:
+            model.train()
+    return texts
+
+
+def _replay_texts(out: Path, model: Any, tok: Any, cfg: TrainConfig, n: int) -> list[str]:
+    """Replay texts: from ``replay_data`` or sampled from the untouched model; kept in ``out`` for resume."""
+    cache = out / "replay_samples.jsonl"
+    if cache.exists():
+        texts = [json.loads(line)["text"] for line in cache.read_text().splitlines() if line.strip()]
+        if len(texts) == n:
+            return texts
+    if cfg.replay_data:
+        _, exs = load_examples(cfg.replay_data, "text")
+        rnd = random.Random(cfg.seed + 31)
+        pool = [e.text for e in exs if e.text]
+        texts = [pool[i % len(pool)] for i in rnd.sample(range(max(n, len(pool))), n)] if pool else []
+    else:
+        texts = _sample_replay(model, tok, n, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
 def _sequences(kind: str, examples: list, tok: Any, cfg: TrainConfig) -> tuple[list[TokenSeq], int]:
     if kind == "text":
         return tokenize_documents([e.text for e in examples], tok, cfg.max_seq_len, cfg.packing), 0
     return tokenize_pairs([(e.prompt, e.response) for e in examples], tok, cfg.max_seq_len, cfg.chat_template)
+
+
+@dataclass
+class _Data:
+    """What one run trains and evaluates on."""
+
+    train: list[TokenSeq]
+    skipped: int = 0
+    heldout: list[TokenSeq] = field(default_factory=list)
+    general: list[TokenSeq] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _build_data(kind: str, examples: list, out: Path, model: Any, tok: Any, cfg: TrainConfig) -> _Data:
+    """Training sequences (documents, renderings, replay) and the held-out sets of the recipe."""
+    if kind != "text":
+        seqs, skipped = _sequences(kind, examples, tok, cfg)
+        return _Data(seqs, skipped, counts={"pairs": len(seqs)})
+    texts, held = _split_heldout([e.text for e in examples], cfg)
+    doc_seqs = tokenize_documents(texts, tok, cfg.max_seq_len, cfg.packing)
+    rend = [r for t in texts for r in question_renderings(t)] if cfg.renderings else []
+    rend_seqs = tokenize_renderings(rend, tok, cfg.max_seq_len)
+    train = doc_seqs + rend_seqs
+    data = _Data(train, heldout=tokenize_documents(held, tok, cfg.max_seq_len, cfg.packing) if held else [])
+    n_replay = min(512, max(8, math.ceil(cfg.replay * len(train)))) if cfg.replay else 0
+    if n_replay:
+        replay = _replay_texts(out, model, tok, cfg, n_replay + HELDOUT_REPLAY)
+        rep_seqs = tokenize_documents(replay[:n_replay], tok, cfg.max_seq_len, packing=False)
+        data.general = tokenize_documents(replay[n_replay:], tok, cfg.max_seq_len, packing=False)
+        data.train = train + rep_seqs
+    data.counts = {
+        "documents": len(texts),
+        "heldout_documents": len(held),
+        "document_sequences": len(doc_seqs),
+        "renderings": len(rend_seqs),
+        "replay_sequences": len(data.train) - len(train),
+        "heldout_replay_sequences": len(data.general),
+    }
+    return data
+
+
+def _mean_loss(model: Any, seqs: list[TokenSeq], pad: int, batch_size: int) -> float | None:
+    """Mean per-token loss of ``seqs`` (no gradient), or None when there are none."""
+    import torch
+
+    if not seqs:
+        return None
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(seqs), batch_size):
+            b = collate(seqs[i : i + batch_size], pad)
+            total += float(_token_loss_sum(model, b))
+            n += int((b["labels"][:, 1:] != IGNORE).sum())
+    if was_training:
+        model.train()
+    return round(total / max(n, 1), 6)
+
+
+LOG_FIELDS = ("step", "epoch", "train_loss", "heldout_loss", "general_loss", "lr", "seconds")
+
+
+def _write_log(out: Path, rows: list[dict[str, Any]]) -> None:
+    """The loss log as CSV, and as a PNG when matplotlib is installed."""
+    import csv
+    import io
+
+    from .files import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / LOG_CSV, buf.getvalue())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (
+        ("train_loss", "training"),
+        ("heldout_loss", "held-out documents"),
+        ("general_loss", "held-out general text"),
+    ):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / LOG_PNG, dpi=100)
+    plt.close(fig)
 
 
 def train_expert(
@@ -392,6 +661,8 @@ def train_expert(
 ) -> TrainResult:
     """Fine-tune ``base`` on ``data`` into the expert folder ``out``; returns its card.
 
+    Fields of ``config`` left at None follow the recipe of the data kind (documents: LoRA,
+    question renderings, replay, held-out early stopping; pairs: plain fine-tuning).
     ``resume=True`` continues from the newest checkpoint in ``out`` (or starts afresh when there is
     none; returns the existing card when the run already finished). A checkpoint from a run with
     different data or trajectory settings is refused.
@@ -409,6 +680,8 @@ def train_expert(
         torch.set_num_threads(cfg.threads)
 
     kind, examples = load_examples(data, cfg.kind)
+    cfg = cfg.for_kind(kind)
+    cfg.validate()
     sha = data_sha256(data)
     fingerprint = {"base": base, "data_sha256": sha, **{k: getattr(cfg, k) for k in _TRAJECTORY}}
     ckpt = latest_checkpoint(out) if resume else None
@@ -418,8 +691,11 @@ def train_expert(
         if diff:
             raise InputError(f"cannot resume from {ckpt}: settings differ (checkpoint, now): {diff}")
     _seed_all(cfg.seed)
+    t_prep = time.perf_counter()
     model, tok = _build_model(base, cfg)
-    seqs, skipped = _sequences(kind, examples, tok, cfg)
+    d = _build_data(kind, examples, out, model, tok, cfg)
+    prep_seconds = time.perf_counter() - t_prep
+    seqs, skipped = d.train, d.skipped
     if not seqs:
         raise InputError(f"no training sequence fits max_seq_len={cfg.max_seq_len} ({skipped} pairs skipped)")
     if skipped:
@@ -428,26 +704,79 @@ def train_expert(
             skipped,
             cfg.max_seq_len,
         )
+    _seed_all(cfg.seed)
 
     plan = BatchPlan(len(seqs), cfg.batch_size, cfg.seed)
+    epochs = cfg.epochs
+    if epochs == "auto":
+        epochs = min(MAX_AUTO_EPOCHS, max(1.0, MIN_AUTO_STEPS * cfg.grad_accum / plan.per_epoch))
     if cfg.max_steps is not None:
         total_steps, total_micro = cfg.max_steps, cfg.max_steps * cfg.grad_accum
     else:
-        total_micro = math.ceil(cfg.epochs * plan.per_epoch)
+        total_micro = math.ceil(float(epochs) * plan.per_epoch)
         total_steps = math.ceil(total_micro / cfg.grad_accum)
+    evaluating = bool(d.heldout or d.general)
+    eval_every = cfg.eval_every or max(1, math.ceil(total_steps / 10))
 
     optimizer = _optimizer(list(_trainable(model).values()), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "target_tokens": 0, "losses": [], "train_seconds": 0.0}
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "target_tokens": 0,
+        "losses": [],
+        "train_seconds": 0.0,
+        "eval_log": [],
+        "best": None,
+        "stopped": "",
+    }
     resumed_from = 0
     if ckpt is not None:
-        state = _read_checkpoint(ckpt, model, optimizer, scheduler)
+        state = {**state, **_read_checkpoint(ckpt, model, optimizer, scheduler)}
         resumed_from = state["step"]
         log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total_steps)
 
     out.mkdir(parents=True, exist_ok=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     params = list(_trainable(model).values())
+    best_weights: dict[str, Any] | None = None
+
+    def evaluate(step: int, elapsed: float) -> bool:
+        """Log the held-out losses at ``step``; True when training should stop."""
+        nonlocal best_weights
+        recent = state["losses"][-eval_every:] if step else []
+        row = {
+            "step": step,
+            "epoch": round(step * cfg.grad_accum / plan.per_epoch, 4),
+            "train_loss": round(sum(recent) / len(recent), 6) if recent else None,
+            "heldout_loss": _mean_loss(model, d.heldout, pad, cfg.batch_size),
+            "general_loss": _mean_loss(model, d.general, pad, cfg.batch_size),
+            "lr": round(scheduler.get_last_lr()[0], 10),
+            "seconds": round(state["train_seconds"] + elapsed, 2),
+        }
+        state["eval_log"].append(row)
+        _write_log(out, state["eval_log"])
+        first = state["eval_log"][0]
+        damaged = (
+            row["general_loss"] is not None
+            and first["general_loss"] is not None
+            and row["general_loss"] > first["general_loss"] + cfg.max_general_rise
+        )
+        if damaged:
+            state["stopped"] = (
+                f"general loss rose from {first['general_loss']} to {row['general_loss']} at step {step}"
+            )
+            return True
+        better = d.heldout and (state["best"] is None or row["heldout_loss"] < state["best"]["heldout_loss"])
+        if not d.heldout or better:  # without held-out documents the newest undamaged state is best
+            state["best"] = row
+            best_weights = {n: p.detach().clone() for n, p in _trainable(model).items()} if step else None
+            return False
+        if state["best"] is not None and step - state["best"]["step"] >= cfg.patience * eval_every:
+            state["stopped"] = f"held-out loss has not improved since step {state['best']['step']}"
+            return True
+        return False
+
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -460,6 +789,8 @@ def train_expert(
         dynamic_ncols=True,
     )
     run_tokens, t0 = 0, time.perf_counter()
+    if evaluating and not state["eval_log"]:
+        evaluate(0, 0.0)
     try:
         for step in range(state["step"], total_steps):
             micro = range(step * cfg.grad_accum, min((step + 1) * cfg.grad_accum, total_micro))
@@ -485,7 +816,18 @@ def train_expert(
             state["target_tokens"] += n_targets
             elapsed = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}")
+            post = {"loss": f"{step_loss:.4f}", "tok_s": f"{run_tokens / max(elapsed, 1e-9):.0f}"}
+            if evaluating and (state["step"] % eval_every == 0 or state["step"] == total_steps):
+                stop = evaluate(state["step"], elapsed)
+                last = state["eval_log"][-1]
+                for key, short in (("heldout_loss", "heldout"), ("general_loss", "general")):
+                    if last[key] is not None:
+                        post[short] = f"{last[key]:.4f}"
+                if stop:
+                    bar.set_postfix(post)
+                    log.info("early stop: %s", state["stopped"])
+                    break
+            bar.set_postfix(post)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 snap = dict(
                     state,
@@ -499,6 +841,16 @@ def train_expert(
     elapsed = time.perf_counter() - t0
     state["tokens"] += run_tokens
     state["train_seconds"] += elapsed
+    best_step = state["step"]
+    if evaluating and state["best"] is not None and state["best"]["step"] != state["step"]:
+        best_step = state["best"]["step"]
+        if best_weights is not None:  # keep the best evaluated weights, not the last ones
+            with torch.no_grad():
+                for n, p in _trainable(model).items():
+                    p.copy_(best_weights[n])
+        else:  # best was before any step (only after a resume can this lose track)
+            log.warning("the best held-out loss was at step 0; keeping the final weights")
+            best_step = state["step"]
 
     model.eval()
     fmt = _save_output(out, model, tok, base, cfg)
@@ -537,6 +889,11 @@ def train_expert(
         resumed_from_step=resumed_from,
         versions=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        eval_log=state["eval_log"],
+        best_step=best_step,
+        early_stop=state["stopped"],
+        data_counts=d.counts,
+        prepare_seconds=round(prep_seconds, 3),
     )
     (out / CARD).write_text(json.dumps(result.to_dict(), indent=2))
     if not cfg.keep_checkpoints:

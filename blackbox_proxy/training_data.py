@@ -9,15 +9,16 @@ only. Everything here is deterministic: the same data, tokenizer and seed give t
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import iter_jsonl
 
 KINDS = ("auto", "text", "sft")
 IGNORE = -100
@@ -103,23 +104,16 @@ def load_examples(path: str | os.PathLike[str], kind: str = "auto") -> tuple[str
         found = "text"
     else:
         examples, kinds = [], set()
-        with p.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{p}:{i}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
-                k = _record_kind(rec, where)
-                kinds.add(k)
-                if len(kinds) > 1:
-                    raise InputError(f"{where}: mixes documents ('text') and pairs ('prompt'/'response')")
-                if k == "sft":
-                    examples.append(Example(prompt=rec["prompt"], response=rec["response"]))
-                elif rec["text"].strip():
-                    examples.append(Example(text=rec["text"]))
+        for i, rec in iter_jsonl(p, what="training data"):
+            where = f"{p}:{i}"
+            k = _record_kind(rec, where)
+            kinds.add(k)
+            if len(kinds) > 1:
+                raise InputError(f"{where}: mixes documents ('text') and pairs ('prompt'/'response')")
+            if k == "sft":
+                examples.append(Example(prompt=rec["prompt"], response=rec["response"]))
+            elif rec["text"].strip():
+                examples.append(Example(text=rec["text"]))
         found = kinds.pop() if kinds else "text"
     if kind != "auto" and kind != found:
         raise InputError(f"{p}: asked for {kind!r} data but the records are {found!r}")
@@ -254,3 +248,171 @@ class BatchPlan:
         epoch, j = divmod(index, self.per_epoch)
         perm = self._perm(epoch)
         return perm[j * self.batch_size : (j + 1) * self.batch_size]
+
+
+# --------------------------------------------------------------------------- question renderings
+
+#: the cloze format option scoring reads an expert with (kept equal to option_scoring.CLOZE_TEMPLATE)
+QA_TEMPLATE = "Question: {question}\nAnswer:"
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])")
+_BE = re.compile(r"^(?P<subj>[^,;:]{3,80}?) (?P<be>is|are|was|were) (?P<obj>.+)$")
+_PASSIVE_BY = re.compile(
+    r"^(?P<subj>[^,;:]{3,80}?) (?P<be>is|are|was|were) (?P<verb>[a-z]+) by (?P<agent>.+)$"
+)
+_LEAD = re.compile(r"^(?P<subj>(?:[A-Z][\w'-]*)(?: (?:[A-Z][\w'-]*|of|the|de|von))*) (?P<pred>[a-z].+)$")
+_ENTITY = re.compile(r"(?<![\w-])(?:[A-Z][\w'-]*[\w])(?: [A-Z][\w'-]*[\w])*")
+_CLAUSE_END = re.compile(r",| which | who | where | when | because | whose | and (?:is|was|has)\b")
+_STOP_LEAD = frozenset(
+    [
+        "A",
+        "An",
+        "The",
+        "This",
+        "That",
+        "These",
+        "Those",
+        "It",
+        "Its",
+        "In",
+        "On",
+        "At",
+        "From",
+        "For",
+        "Most",
+        "Many",
+        "Some",
+        "Every",
+        "Each",
+        "Visitors",
+        "There",
+        "Here",
+        "When",
+        "While",
+        "After",
+        "Before",
+        "Above",
+        "Below",
+        "Since",
+        "During",
+        "He",
+        "She",
+        "They",
+        "We",
+        "You",
+        "I",
+    ]
+)
+#: irregular past tenses a leading-name sentence may continue with (regular verbs end in -s or -ed)
+_IRREGULAR = frozenset(
+    [
+        "wrote",
+        "built",
+        "made",
+        "came",
+        "found",
+        "began",
+        "grew",
+        "gave",
+        "held",
+        "led",
+        "ran",
+        "rose",
+        "sold",
+        "taught",
+        "won",
+        "took",
+        "became",
+        "bought",
+        "brought",
+        "drew",
+        "flew",
+        "fought",
+        "knew",
+        "left",
+        "lost",
+        "met",
+        "paid",
+        "put",
+        "read",
+        "said",
+        "sang",
+        "saw",
+        "sent",
+        "set",
+        "spoke",
+        "stood",
+        "told",
+        "thought",
+        "threw",
+        "wore",
+    ]
+)
+
+
+def _clause(text: str, max_words: int = 12) -> str:
+    """The first clause of a phrase: up to a comma or relative pronoun, at most ``max_words`` words."""
+    head = _CLAUSE_END.split(text, maxsplit=1)[0].strip().rstrip(".!?;:")
+    words = head.split()
+    return " ".join(words[:max_words]) if words else ""
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[:2].istitle() and text.split()[0] in _STOP_LEAD else text
+
+
+def sentences(text: str) -> list[str]:
+    """A document's sentences (a plain splitter: end punctuation followed by a capital)."""
+    return [s.strip() for s in _SENTENCE.split(" ".join(text.split())) if len(s.split()) >= 3]
+
+
+def question_renderings(text: str) -> list[tuple[str, str]]:
+    """Question/answer pairs derived from one document's sentences alone (no model, deterministic).
+
+    Each statement is turned into the questions it answers, in the cloze format that option scoring
+    reads an expert with (:data:`QA_TEMPLATE`): "The capital of X is Y." gives "What is the capital
+    of X?" -> "Y" and "What is Y?" -> "the capital of X"; "A was built by B." gives "Who built a?"
+    -> "B"; "Name verbs object." gives "Who verbs object?" -> "Name" and "Name verbs what?" ->
+    "object"; every other named entity E gives the sentence with E replaced by "what" -> "E".
+    Returns (prompt, answer) pairs; the answer carries no leading space.
+    """
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(question: str, answer: str) -> None:
+        question, answer = " ".join(question.split()), _clause(answer)
+        if len(question.split()) < 3 or not answer or question in seen:
+            return
+        seen.add(question)
+        out.append((QA_TEMPLATE.format(question=question), answer))
+
+    for s in sentences(text):
+        body = s.rstrip(".!?")
+        m = _PASSIVE_BY.match(body)
+        if m and m["verb"].endswith(("ed", "en", "lt", "de", "wn", "un", "ght")):
+            add(f"Who {m['verb']} {_lower_first(m['subj'])}?", m["agent"])
+        m = _BE.match(body)
+        if m:
+            subj, be, obj = _lower_first(m["subj"]), m["be"], m["obj"]
+            add(f"What {be} {subj}?", obj)
+            short = _clause(obj, 8)
+            if short and len(short.split()) <= 6:
+                add(f"What {be} {short}?", m["subj"])
+        m = _LEAD.match(body)
+        if m and m["subj"].split()[0] not in _STOP_LEAD and not _BE.match(body):
+            pred = m["pred"]
+            verb, _, obj = pred.partition(" ")
+            if verb.endswith(("s", "ed")) or verb in _IRREGULAR:
+                add(f"Who {_clause(pred, 20)}?", m["subj"])
+                if obj:
+                    add(f"{m['subj']} {verb} what?", obj)
+        for e in _ENTITY.finditer(body):
+            if e.start() == 0 or e.group() in _STOP_LEAD:
+                continue
+            add(body[: e.start()] + "what" + body[e.end() :] + "?", e.group())
+    return out
+
+
+def tokenize_renderings(pairs: Sequence[tuple[str, str]], tok: Any, max_seq_len: int) -> list[TokenSeq]:
+    """Question renderings -> sequences with loss on the answer (" " + answer + EOS) only."""
+    seqs, _ = tokenize_pairs([(p, " " + a) for p, a in pairs], tok, max_seq_len, chat_template=False)
+    return seqs

@@ -6,13 +6,21 @@ All results are frozen dataclasses with ``to_dict()`` so a batch becomes a panda
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InputError, MissingLogprobsError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value's repr, cut to ``limit`` characters (for one-line error messages)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,39 @@ class TopLogprobs:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_json(self) -> dict[str, Any]:
+        """A compact JSON-ready dict (inverse of :meth:`from_json`), as run stores keep it."""
+
+        def ent(e: TokenLogprob) -> dict[str, Any]:
+            return {"token": e.token, "logprob": e.logprob, "id": e.id}
+
+        u = self.usage
+        return {
+            "entries": [ent(e) for e in self.entries],
+            "k": self.k,
+            "chosen": ent(self.chosen) if self.chosen is not None else None,
+            "model": self.model,
+            "provider": self.provider,
+            "usage": None if u is None else [u.prompt_tokens, u.completion_tokens, u.requests, u.cached],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TopLogprobs:
+        """Rebuild a TopLogprobs stored by :meth:`to_json`."""
+
+        def ent(x: Mapping[str, Any]) -> TokenLogprob:
+            return TokenLogprob(str(x["token"]), float(x["logprob"]), x.get("id"))
+
+        u = d.get("usage")
+        return cls(
+            tuple(ent(e) for e in d["entries"]),
+            int(d["k"]),
+            ent(d["chosen"]) if d.get("chosen") else None,
+            str(d.get("model", "")),
+            str(d.get("provider", "")),
+            None if u is None else Usage(int(u[0]), int(u[1]), int(u[2]), bool(u[3])),
+        )
+
 
 @dataclass(frozen=True)
 class MCQuestion:
@@ -113,8 +154,37 @@ class MCQuestion:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # checked, never coerced: None must not become the text "None", nor "abcd" four choices
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise InputError(f"question id must be a non-empty string, got {self.id!r}")
+        if not isinstance(self.question, str):
+            raise InputError(
+                f"question {self.id!r}: the question text must be a string, got {type(self.question).__name__} "
+                f"{_short(self.question)}"
+            )
+        if isinstance(self.choices, (str, bytes, bytearray, Mapping, AbstractSet)) or not isinstance(
+            self.choices, Iterable
+        ):
+            raise InputError(
+                f"question {self.id!r}: choices must be a list of strings, got {type(self.choices).__name__} "
+                f"{_short(self.choices)}"
+            )
         object.__setattr__(self, "choices", tuple(self.choices))
-        if not str(self.question).strip():
+        for i, c in enumerate(self.choices):
+            if not isinstance(c, str):
+                raise InputError(
+                    f"question {self.id!r}: choice {i} must be a string, got {type(c).__name__} {_short(c)}"
+                )
+        if self.answer is not None:
+            if isinstance(self.answer, bool) or not isinstance(self.answer, numbers.Integral):
+                raise InputError(
+                    f"question {self.id!r}: answer must be the 0-based index of the gold choice (an int) or "
+                    f"None, got {type(self.answer).__name__} {_short(self.answer)}"
+                )
+            object.__setattr__(self, "answer", int(self.answer))
+        if not isinstance(self.meta, Mapping):
+            raise InputError(f"question {self.id!r}: meta must be a mapping, got {type(self.meta).__name__}")
+        if not self.question.strip():
             raise InputError(f"question {self.id!r}: empty question text")
         if len(self.choices) < 2:
             raise InputError(f"question {self.id!r}: needs at least 2 choices, got {len(self.choices)}")
@@ -122,7 +192,7 @@ class MCQuestion:
             raise InputError(
                 f"question {self.id!r}: {len(self.choices)} choices but only {len(LETTERS)} letters exist"
             )
-        if any(not str(c).strip() for c in self.choices):
+        if any(not c.strip() for c in self.choices):
             raise InputError(f"question {self.id!r}: a choice is empty")
         if self.answer is not None and not (0 <= self.answer < len(self.choices)):
             raise InputError(

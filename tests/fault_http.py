@@ -17,13 +17,17 @@ from typing import Any
 
 @dataclass
 class Reply:
-    """One scripted HTTP reply: ``body`` is a dict (sent as JSON), str or bytes; ``delay`` in seconds."""
+    """One scripted HTTP reply: ``body`` is a dict (sent as JSON), str or bytes; ``delay`` in seconds.
+
+    ``drop`` closes the connection without any reply (after ``delay``), like a crashing server.
+    """
 
     status: int = 200
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     delay: float = 0.0
     content_type: str = "application/json"
+    drop: bool = False
 
 
 def chat_body(
@@ -165,6 +169,9 @@ class FaultServer:
                     reply = server._next()
                     if reply.delay:
                         server._closing.wait(reply.delay)
+                    if reply.drop:
+                        self.close_connection = True
+                        return
                     body = reply.body
                     data = (
                         json.dumps(body).encode()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import signal
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
 from fault_http import FaultServer, Reply, chat_body
 
 from blackbox_proxy.cache import ResponseCache, cache_key
-from blackbox_proxy.errors import InputError, MissingLogprobsError
+from blackbox_proxy.errors import CacheError, InputError, ProviderError
 
 SECRET = "sk-cache-SECRET-9f8e7d6c5b4a"
 pytestmark = pytest.mark.timeout(60)
@@ -124,9 +127,92 @@ def test_processes_share_one_cache(tmp_path: Path) -> None:
 
 def test_answers_without_logprobs_are_not_cached(tmp_path: Path, fault_server: FaultServer) -> None:
     fault_server.push(Reply(body=chat_body(logprobs_null=True)))
-    provider = OpenAIChatProvider("m", fault_server.base_url, cache=tmp_path / "c.sqlite")
-    with pytest.raises(MissingLogprobsError):
-        provider.top_logprobs("q", 2)
-    assert provider.top_logprobs("q", 2).chosen is not None  # asked again, not served the bad answer
+    provider = OpenAIChatProvider(
+        "m", fault_server.base_url, cache=tmp_path / "c.sqlite", backoff_initial=0.01
+    )
+    assert provider.top_logprobs("q", 2).chosen is not None  # retried; the bad answer was not kept
     assert fault_server.count == 2
     assert provider.top_logprobs("q", 2).usage.cached  # type: ignore[union-attr]
+    assert provider.transport.cache is not None and len(provider.transport.cache) == 1
+
+
+def test_answers_never_carrying_logprobs_raise_and_are_not_cached(
+    tmp_path: Path, fault_server: FaultServer
+) -> None:
+    fault_server.default = Reply(body=chat_body(logprobs_null=True))
+    provider = OpenAIChatProvider(
+        "m", fault_server.base_url, cache=tmp_path / "c.sqlite", max_retries=1, backoff_initial=0.01
+    )
+    with pytest.raises(ProviderError, match="log-probs"):
+        provider.top_logprobs("q", 2)
+    assert provider.transport.cache is not None and len(provider.transport.cache) == 0
+
+
+# -- a cache path that cannot hold a cache is one clear error, before any request --------------------
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match=r"is a directory; give a file name"):
+        ResponseCache(tmp_path)
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "questions.jsonl"
+    bad.write_text('{"question": "not a database"}\n' * 200)
+    with pytest.raises(CacheError, match=r"is not an SQLite database.*give a new file name"):
+        ResponseCache(bad)
+    assert bad.read_text().startswith('{"question"')  # untouched
+
+
+def test_an_sqlite_file_with_another_table_layout_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE responses (id INTEGER, body BLOB)")
+    with pytest.raises(CacheError, match="another 'responses' table"):
+        ResponseCache(other)
+
+
+def test_a_folder_that_cannot_be_made_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match="cannot create folder"):
+        ResponseCache(blocker / "sub" / "c.sqlite")
+
+
+def test_provider_with_a_bad_cache_fails_before_any_request(
+    tmp_path: Path, fault_server: FaultServer
+) -> None:
+    with pytest.raises(CacheError):
+        OpenAIChatProvider("m", fault_server.base_url, cache=tmp_path)
+    assert fault_server.count == 0
+
+
+def test_a_corrupt_entry_is_a_miss_not_a_crash(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    key = cache.key("u", "e", "m", {"a": 1})
+    with cache._conn() as conn:
+        conn.execute(
+            "INSERT INTO responses (key, endpoint, model, response, created) VALUES (?, '', '', ?, 0)",
+            (key, '{"trunc'),
+        )
+    assert cache.get(key) is None and cache.misses == 1
+
+
+# -- every answer is stored the moment it arrives: a kill -9 right after loses nothing -----------------
+def _ask_then_die(base_url: str, path: str) -> None:
+    provider = OpenAIChatProvider("m", base_url, cache=path)
+    provider.top_logprobs("Which?", 2)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit, no flush: as abrupt as it gets
+
+
+def test_an_answer_survives_a_kill_9_right_after_it_arrived(
+    tmp_path: Path, fault_server: FaultServer
+) -> None:
+    path = str(tmp_path / "c.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_ask_then_die, args=(fault_server.base_url, path))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    assert fault_server.count == 1
+    provider = OpenAIChatProvider("m", fault_server.base_url, cache=path)
+    top = provider.top_logprobs("Which?", 2)
+    assert top.usage is not None and top.usage.cached and fault_server.count == 1  # not bought again

@@ -9,17 +9,10 @@ import pandas as pd
 import pytest
 
 from blackbox_proxy.cli import main
-from blackbox_proxy.evaluation.runner import (
-    RESULTS_FILE,
-    EvalResult,
-    JsonlStore,
-    QuestionRecord,
-    derive_row,
-    load_run,
-    top_from_json,
-    top_to_json,
-)
-from blackbox_proxy.rerank import steer
+from blackbox_proxy.evaluation.runner import RESULTS_FILE, EvalResult, load_run
+from blackbox_proxy.experts import PairScores
+from blackbox_proxy.files import JsonlStore
+from blackbox_proxy.rerank import MCRecord, record_row, steer
 from blackbox_proxy.types import MCQuestion, TokenLogprob, TopLogprobs, Usage
 
 
@@ -36,26 +29,29 @@ ANTI = {"A": math.log(0.5), "B": math.log(0.3), "C": math.log(0.2)}
 Q = MCQuestion("q1", "Which?", ("a", "b", "c"), answer=2, meta={"week": "2025-01-03", "source": "CNN"})
 
 
-def _record(qid: str = "q1", gold: str = "C") -> QuestionRecord:
-    return QuestionRecord(
-        qid, ("A", "B", "C"), gold, TOP, EXPERT, ANTI, {"week": "2025-01-03", "source": "CNN"}
+def _record(qid: str = "q1", gold: str = "C", top: TopLogprobs = TOP) -> MCRecord:
+    return MCRecord(
+        qid, ("A", "B", "C"), gold, top, (PairScores(EXPERT, ANTI),), {"week": "2025-01-03", "source": "CNN"}
     )
 
 
-def test_derive_row_matches_steer() -> None:
+def test_record_row_matches_steer() -> None:
     alphas = (0.0, 0.5, 1.0, 2.0)
-    row = derive_row(_record(), alphas)
+    row = record_row(_record(), (1.0,), sweep=alphas)
     assert row["base_letter"] == "A" and row["base_correct"] is False
     assert row["expert_letter"] == "C" and row["anti_letter"] == "A"
     assert row["n_missing"] == 1 and row["missing"] == "C" and not row["all_missing"]
     for a in alphas:
         ans = steer(Q, TOP, [(EXPERT, ANTI)], alpha=a)
-        assert row[f"proxy_letter@{a:g}"] == ans.letter
-    assert row["proxy_letter@0"] == "A"  # alpha 0 is the base
-    assert row["proxy_letter@2"] == "C"  # a strong push overturns it
+        assert row[f"steered_letter@{a:g}"] == ans.letter
+    assert row["steered_letter@0"] == "A"  # alpha 0 is the base
+    assert row["steered_letter@2"] == "C"  # a strong push overturns it
+    assert row["steered_letter"] == steer(Q, TOP, [(EXPERT, ANTI)], alpha=1.0).letter
     # the exclude policy drops C instead of flooring it
-    ex = derive_row(_record(), (2.0,), policy="exclude")
-    assert ex["proxy_letter@2"] in ("A", "B")
+    ex = record_row(_record(), (2.0,), policy="exclude", sweep=(1.0,))
+    assert ex["steered_letter@1"] in ("A", "B")
+    # the sweep scales the per-pair alphas: --alpha 2 with --sweep 1 is alpha 2
+    assert record_row(_record(), (2.0,), sweep=(1.0,))["steered_letter@1"] == "C"
 
 
 def test_top_json_roundtrip() -> None:
@@ -67,7 +63,9 @@ def test_top_json_roundtrip() -> None:
         "p",
         Usage(3, 1, 1, True),
     )
-    assert top_from_json(top_to_json(top)) == top
+    assert TopLogprobs.from_json(top.to_json()) == top
+    rec = _record()
+    assert MCRecord.from_json(rec.to_json()) == rec
 
 
 def _write_run(run_dir: Path, n: int = 6) -> None:
@@ -94,7 +92,7 @@ def test_all_missing_questions_are_excluded() -> None:
     none_top = _top({" The": -0.1, " It": -3.0}, 2)
     recs = [
         _record("q0"),
-        QuestionRecord("q1", ("A", "B", "C"), "C", none_top, EXPERT, ANTI, {}),
+        _record("q1", "C", none_top),
     ]
     res = EvalResult(recs, (1.0,))
     t = res.table()
@@ -112,7 +110,7 @@ def test_sweep_cli_from_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             "sweep",
             "--from-run",
             str(tmp_path / "run"),
-            "--alpha",
+            "--sweep",
             "0,0.5,1,2",
             "--plot",
             str(png),
@@ -131,7 +129,7 @@ def test_sweep_cli_from_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ("argv", "message"),
     [
         (["eval", "mmlu", "--weeks", "2025-01..2025-02"], "--weeks applies to realtimeqa only"),
-        (["eval", "arc-easy", "--expert", "smollm2-135m-instruct"], "give both --expert and --anti-expert"),
+        (["eval", "arc-easy", "--expert", "smollm2-135m-instruct"], "1 --expert but 0 --anti-expert"),
         (["eval", "arc-easy", "--alpha", "1"], "--alpha needs --expert"),
         (
             [
@@ -146,10 +144,14 @@ def test_sweep_cli_from_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
                 "--anti-expert",
                 "d",
             ],
-            "one expert pair",
+            "unknown model spec",
         ),
         (["eval", "arc-easy", "--out", "x.txt"], "use a .csv or .parquet"),
-        (["eval", "arc-easy", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "arc-easy", "--limit", "0"], "must be at least 1"),
+        (
+            ["eval", "arc-easy", "--expert", "a", "--anti-expert", "b", "--alpha", "0.5,1,2"],
+            "use --sweep 0.5,1,2",
+        ),
         (["eval", "jsonl"], "needs --data FILE"),
         (["eval", "realtimeqa", "--weeks", "2025-13"], "invalid month"),
         (["eval", "arc-easy", "--base-url", "http://127.0.0.1:9/v1"], "--model is required"),
@@ -157,8 +159,13 @@ def test_sweep_cli_from_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ],
 )
 def test_cli_errors_are_clear(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # a flag argparse itself refuses
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_error_policy_names_the_question() -> None:
@@ -170,18 +177,19 @@ def test_error_policy_names_the_question() -> None:
 
 
 def test_results_written_as_csv_or_parquet(tmp_path: Path) -> None:
-    from blackbox_proxy.commands.evaluate import write_table
+    from blackbox_proxy.files import write_table
 
     t = EvalResult([_record("q0"), _record("q1", "A")], (0.5, 2.0)).table()
     write_table(t, tmp_path / "r.csv")
     write_table(t, tmp_path / "r.parquet")
     pq = pd.read_parquet(tmp_path / "r.parquet")
     pd.testing.assert_frame_equal(pq, t)
-    assert list(pd.read_csv(tmp_path / "r.csv")["proxy_letter@2"]) == list(t["proxy_letter@2"])
+    assert list(pd.read_csv(tmp_path / "r.csv")["steered_letter@2"]) == list(t["steered_letter@2"])
 
 
-def test_base_without_logprobs_is_recorded_not_fatal(fault_server, tmp_path: Path) -> None:
-    """A completed request that carries no log-probs is stored (all options missing), never re-sent."""
+def test_base_without_logprobs_is_an_error_row_that_resume_retries(fault_server, tmp_path: Path) -> None:
+    """A request that carries no log-probs becomes an error row (the run goes on); a resume re-asks
+    that question alone and keeps every answer already received."""
     from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
     from fault_http import Reply, chat_body
 
@@ -204,6 +212,9 @@ def test_base_without_logprobs_is_recorded_not_fatal(fault_server, tmp_path: Pat
     assert t.loc["q0", "base_letter"] == "A" and t.loc["q0", "error"] == ""
     s = res.summary().set_index("system")
     assert s.loc["base", "n"] == 2 and s.loc["base", "excluded"] == 1 and s.loc["base", "accuracy"] == 1.0
+    fault_server.push(Reply(body=chat_body()))
     again = EvaluationRunner(provider, k=3, run_dir=tmp_path / "run", progress=False)
-    assert again.run(qs).table().equals(res.table())
-    assert fault_server.count == 3 and again.requests == 0
+    t2 = again.run(qs).table().set_index("id")
+    assert fault_server.count == 4 and again.requests == 1
+    assert t2.loc["q1", "error"] == "" and t2.loc["q1", "base_letter"] == "A"
+    assert t2.loc[["q0", "q2"]].equals(t.loc[["q0", "q2"]])

@@ -14,7 +14,8 @@ import torch
 
 from blackbox_proxy.candidates import logsumexp
 from blackbox_proxy.errors import CandidateError, InputError, MissingLogprobsError
-from blackbox_proxy.experts import CausalScorer, ExpertPair, load_shared
+from blackbox_proxy.experts import CausalScorer, ExpertPair
+from blackbox_proxy.models import load_model
 from blackbox_proxy.prompts import mc_messages, mc_text
 from blackbox_proxy.types import MCQuestion
 
@@ -22,6 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 SMOLLM2 = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
+#: largest letter log-prob difference accepted between llama.cpp (4-bit weights) and transformers
+#: (the same weights dequantised to float32); measured here, see the closing note
+LLAMA_CPP_TOLERANCE = 0.5
 
 QUESTIONS = [
     MCQuestion("capital", "What is the capital of France?", ("Berlin", "Paris", "Rome")),
@@ -43,13 +47,13 @@ def _threads() -> None:
 
 
 @pytest.fixture(scope="module")
-def smol() -> tuple[Any, Any]:
-    return load_shared(SMOLLM2)
+def smol() -> Any:
+    return load_model(SMOLLM2, "transformers")
 
 
 @pytest.fixture(scope="module")
-def qwen() -> tuple[Any, Any]:
-    return load_shared(QWEN)
+def qwen() -> Any:
+    return load_model(QWEN, "transformers")
 
 
 def reference_next_logprobs(model: Any, ids: list[int]) -> torch.Tensor:
@@ -59,22 +63,22 @@ def reference_next_logprobs(model: Any, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def test_chat_template_is_each_models_own(smol: tuple[Any, Any], qwen: tuple[Any, Any]) -> None:
+def test_chat_template_is_each_models_own(smol: Any, qwen: Any) -> None:
     q = QUESTIONS[0]
-    s_ids = CausalScorer(*smol).render(q)
-    q_ids = CausalScorer(*qwen).render(q)
-    s_text, q_text = smol[1].decode(s_ids), qwen[1].decode(q_ids)
+    s_ids = CausalScorer(smol).render(q)
+    q_ids = CausalScorer(qwen).render(q)
+    s_text, q_text = smol.tokenizer.decode(s_ids), qwen.tokenizer.decode(q_ids)
     assert s_text.endswith("<|im_start|>assistant\n") and "SmolLM" in s_text
     assert q_text.endswith("<|im_start|>assistant\n") and "Qwen" in q_text
     assert mc_messages(q)[0]["content"] in s_text and mc_messages(q)[0]["content"] in q_text
-    plain = CausalScorer(*smol, chat_template=False).render(q)
-    assert smol[1].decode(plain) == mc_text(q)
+    plain = CausalScorer(smol, chat_template=False).render(q)
+    assert smol.tokenizer.decode(plain) == mc_text(q)
     assert mc_text(q).endswith("Answer:")
 
 
-def test_single_token_candidates_pool_both_variants(smol: tuple[Any, Any]) -> None:
-    model, tok = smol
-    scorer = CausalScorer(model, tok)
+def test_single_token_candidates_pool_both_variants(smol: Any) -> None:
+    model, tok = smol.model, smol.tokenizer
+    scorer = CausalScorer(smol)
     q = QUESTIONS[1]
     got = scorer.score([q], [q.labels])[0]
     ref = reference_next_logprobs(model, scorer.render(q))
@@ -89,8 +93,8 @@ def test_single_token_candidates_pool_both_variants(smol: tuple[Any, Any]) -> No
         assert got[lab] > max(float(ref[i]) for i in ids)  # pooling adds mass
 
 
-def test_batched_equals_one_at_a_time(qwen: tuple[Any, Any]) -> None:
-    scorer = CausalScorer(*qwen, batch_size=4)
+def test_batched_equals_one_at_a_time(qwen: Any) -> None:
+    scorer = CausalScorer(qwen, batch_size=4)
     batched = scorer.score(QUESTIONS, [q.labels for q in QUESTIONS])
     assert len({len(scorer.render(q)) for q in QUESTIONS}) > 1  # lengths differ: left padding is exercised
     for q, b in zip(QUESTIONS, batched, strict=True):
@@ -101,9 +105,9 @@ def test_batched_equals_one_at_a_time(qwen: tuple[Any, Any]) -> None:
             assert b[lab] == pytest.approx(alone[lab], abs=2e-4), (q.id, lab)
 
 
-def test_multi_token_candidate_scored_as_string(smol: tuple[Any, Any]) -> None:
-    model, tok = smol
-    scorer = CausalScorer(model, tok, batch_size=3)
+def test_multi_token_candidate_scored_as_string(smol: Any) -> None:
+    model, tok = smol.model, smol.tokenizer
+    scorer = CausalScorer(smol, batch_size=3)
     prompts = ["The longest common English word is", "A word meaning opposition to disestablishment:"]
     word = "antidisestablishmentarianism"
     got = scorer.score(prompts, [[word, "Paris"]] * 2)
@@ -119,15 +123,15 @@ def test_multi_token_candidate_scored_as_string(smol: tuple[Any, Any]) -> None:
         assert g[word] == pytest.approx(logsumexp(totals), abs=2e-4)
         assert g["Paris"] > -30
     with pytest.raises(CandidateError, match="antidisestablishmentarianism"):
-        CausalScorer(model, tok, strict_single_token=True).score(prompts[:1], [[word]])
+        CausalScorer(smol, strict_single_token=True).score(prompts[:1], [[word]])
 
 
-def test_pair_with_different_tokenizers(smol: tuple[Any, Any], qwen: tuple[Any, Any]) -> None:
+def test_pair_with_different_tokenizers(smol: Any, qwen: Any) -> None:
     pair = ExpertPair(QWEN, SMOLLM2, batch_size=4)
     assert pair.expert.tokenizer.vocab_size != pair.anti_expert.tokenizer.vocab_size
     scores = pair.score(QUESTIONS, [q.labels for q in QUESTIONS])
-    alone_q = CausalScorer(*qwen, batch_size=4).score(QUESTIONS, [q.labels for q in QUESTIONS])
-    alone_s = CausalScorer(*smol, batch_size=4).score(QUESTIONS, [q.labels for q in QUESTIONS])
+    alone_q = CausalScorer(qwen, batch_size=4).score(QUESTIONS, [q.labels for q in QUESTIONS])
+    alone_s = CausalScorer(smol, batch_size=4).score(QUESTIONS, [q.labels for q in QUESTIONS])
     for s, eq, es in zip(scores, alone_q, alone_s, strict=True):
         assert s.expert == pytest.approx(eq, abs=1e-9)
         assert s.anti_expert == pytest.approx(es, abs=1e-9)
@@ -144,7 +148,7 @@ def test_same_expert_and_anti_expert_gives_zero_offsets() -> None:
         assert set(s.offsets().values()) == {0.0}
 
 
-def test_shared_candidate_list_and_input_errors(smol: tuple[Any, Any]) -> None:
+def test_shared_candidate_list_and_input_errors(smol: Any) -> None:
     pair = ExpertPair(smol, smol)
     shared = pair.score(["Q: 1+1? A. 2 B. 3\nAnswer:", "Q: 5-3? A. 1 B. 2\nAnswer:"], ["A", "B"])
     assert [list(s.expert) for s in shared] == [["A", "B"], ["A", "B"]]
@@ -156,15 +160,36 @@ def test_shared_candidate_list_and_input_errors(smol: tuple[Any, Any]) -> None:
         pair.score(["   "], [["A", "B"]])
 
 
-def test_nan_output_is_an_error(smol: tuple[Any, Any]) -> None:
+def test_nan_output_is_an_error(smol: Any) -> None:
     """Fault injection: a forward hook makes the real model's logits NaN for one call."""
-    model, tok = smol
+    model = smol.model
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, _i, out: out * float("nan"))
     try:
         with pytest.raises(MissingLogprobsError, match="NaN"):
-            CausalScorer(model, tok, name="smol").score([QUESTIONS[0]], [QUESTIONS[0].labels])
+            CausalScorer(smol).score([QUESTIONS[0]], [QUESTIONS[0].labels])
     finally:
         handle.remove()
-    ok = CausalScorer(model, tok).score([QUESTIONS[0]], [QUESTIONS[0].labels])[0]
+    ok = CausalScorer(smol).score([QUESTIONS[0]], [QUESTIONS[0].labels])[0]
     assert all(math.isfinite(v) for v in ok.values())
+
+
+def test_llama_cpp_backend_matches_transformers_within_quantisation() -> None:
+    """The same pair on llama.cpp (4-bit GGUF) and on transformers (dequantised float32): letter log-probs
+    agree within the quantisation tolerance, and the engine's answer path uses the llama.cpp pair."""
+    qs = QUESTIONS
+    hf = ExpertPair(QWEN, SMOLLM2, backend="transformers", batch_size=4).score(qs, [q.labels for q in qs])
+    ll_pair = ExpertPair(QWEN, SMOLLM2, backend="llama-cpp", batch_size=4, load_options={"n_threads": 2})
+    assert ll_pair.expert.kind == "llama-cpp" and ll_pair.anti_expert.kind == "llama-cpp"
+    ll = ll_pair.score(qs, [q.labels for q in qs])
+    worst = 0.0
+    for a, b in zip(hf, ll, strict=True):
+        for side in ("expert", "anti_expert"):
+            for lab, v in getattr(a, side).items():
+                worst = max(worst, abs(v - getattr(b, side)[lab]))
+    print(f"largest llama.cpp vs transformers letter log-prob difference: {worst:.4f} nats")
+    assert worst < LLAMA_CPP_TOLERANCE
+    # the offsets rank the letters the same way on both backends
+    for a, b in zip(hf, ll, strict=True):
+        oa, ob = a.offsets(), b.offsets()
+        assert max(oa, key=oa.get) == max(ob, key=ob.get)

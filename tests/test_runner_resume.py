@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 import pandas as pd
 import pytest
 
-from blackbox_proxy.evaluation.runner import BASE_FILE, RESULTS_FILE, JsonlStore
+from blackbox_proxy.evaluation.runner import BASE_FILE, RESULTS_FILE
+from blackbox_proxy.files import JsonlStore
 
 N_QUESTIONS = 8
 HOLD_AFTER = 5  # the interrupted run gets 5 requests through, the 6th is held until the kill
@@ -238,7 +239,7 @@ def test_changed_settings_refused(tmp_path: Path) -> None:
     from blackbox_proxy.evaluation.runner import EvaluationRunner
 
     class Stub:  # only its identity is read before any request
-        model, kind, max_k = "m1", "stub", None
+        model, kind, max_k, endpoint, max_concurrency = "m1", "stub", None, "chat", 1
 
     EvaluationRunner(Stub(), k=5, run_dir=tmp_path, progress=False)._open_stores()
     with pytest.raises(InputError, match="k: 5 -> 7"):

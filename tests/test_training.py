@@ -198,7 +198,6 @@ def test_config_validation_and_cli_errors(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.integration
 def test_sft_loss_on_response_only_and_prompt_as_experts_see_it(tokenizer) -> None:
-    from blackbox_proxy.experts import CausalScorer
     from blackbox_proxy.prompts import mc_messages
 
     q = MCQuestion(
@@ -209,7 +208,12 @@ def test_sft_loss_on_response_only_and_prompt_as_experts_see_it(tokenizer) -> No
     assert skipped == 0
     n_prompt = sum(1 for t in seq.labels if t == IGNORE)
     # the training prompt is token-for-token what the expert pair scores at inference
-    assert list(seq.input_ids[:n_prompt]) == CausalScorer(None, tokenizer, name="t").render(q)
+    scored = list(
+        tokenizer.apply_chat_template(
+            mc_messages(q), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )  # what experts.CandidateScorer renders through TransformersModel.encode_chat
+    assert list(seq.input_ids[:n_prompt]) == scored
     answer = tokenizer.decode([t for t in seq.labels if t != IGNORE])
     assert answer.startswith("B") and tokenizer.eos_token in answer
     assert seq.n_targets == len(seq.input_ids) - n_prompt

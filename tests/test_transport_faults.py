@@ -14,7 +14,15 @@ from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
 from blackbox_proxy.adapters.openai_completions import OpenAICompletionsProvider
 from fault_http import FaultServer, Reply, chat_body, completion_body
 
-from blackbox_proxy.errors import InputError, MissingLogprobsError, ProviderError
+from blackbox_proxy.errors import (
+    FatalProviderError,
+    InputError,
+    MissingLogprobsError,
+    ProviderError,
+    RequestRejectedError,
+    TransientMissingLogprobsError,
+    TransientProviderError,
+)
 from blackbox_proxy.transport import DUMMY_API_KEY, Transport, resolve_endpoint
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
@@ -88,17 +96,40 @@ def test_completion_that_ends_at_once_names_the_cause(fault_server: FaultServer)
         OpenAICompletionsProvider("m", fault_server.base_url).top_logprobs("Answer:", 2)
 
 
-def test_logprobs_null_is_a_missing_logprobs_error(fault_server: FaultServer) -> None:
+def test_a_200_without_logprobs_is_retried_like_a_500(fault_server: FaultServer) -> None:
+    fault_server.push(Reply(body=chat_body(logprobs_null=True)))
+    provider = chat(fault_server)
+    top = provider.top_logprobs("q", 3)
+    assert top.chosen is not None and top.chosen.token == "A"
+    assert fault_server.count == 2  # asked again, the second answer carried them
+    assert provider.transport.stats()["spoiled"] == 1
+
+
+def test_logprobs_missing_through_every_retry_is_transient_once_the_server_gave_them(
+    fault_server: FaultServer,
+) -> None:
+    provider = chat(fault_server, max_retries=2)
+    provider.top_logprobs("first", 3)  # the server does return log-probs ...
+    fault_server.default = Reply(body=chat_body(logprobs_null=True))  # ... then stops, for a while
+    with pytest.raises(TransientMissingLogprobsError, match="returned no log-probs.*3 attempts") as info:
+        provider.top_logprobs("q", 3)
+    assert isinstance(info.value, MissingLogprobsError) and isinstance(info.value, TransientProviderError)
+    assert info.value.reason == "missing-logprobs" and info.value.attempts == 3
+    assert fault_server.count == 1 + 3
+
+
+def test_a_server_that_never_returns_logprobs_is_fatal(fault_server: FaultServer) -> None:
     fault_server.default = Reply(body=chat_body(logprobs_null=True))
-    with pytest.raises(MissingLogprobsError, match="returned no log-probs"):
-        chat(fault_server).top_logprobs("q", 3)
-    assert fault_server.count == 1  # a well-formed answer without log-probs is not retried
+    with pytest.raises(FatalProviderError, match="never with them.*support log-probs") as info:
+        chat(fault_server, max_retries=2).top_logprobs("q", 3)
+    assert info.value.reason == "no-logprobs" and fault_server.count == 3
 
 
 def test_positive_or_missing_logprob_values_are_rejected(fault_server: FaultServer) -> None:
     fault_server.default = Reply(body=chat_body((("A", 0.5), ("B", -1.0))))
-    with pytest.raises(MissingLogprobsError, match="positive"):
-        chat(fault_server).top_logprobs("q", 2)
+    with pytest.raises(FatalProviderError, match="positive"):
+        chat(fault_server, max_retries=1).top_logprobs("q", 2)
+    assert fault_server.count == 2
 
 
 # -- retries ------------------------------------------------------------------------------------------
@@ -129,7 +160,7 @@ def test_5xx_is_retried_until_success(fault_server: FaultServer) -> None:
 
 def test_persistent_5xx_gives_up_with_a_clear_error(fault_server: FaultServer) -> None:
     fault_server.default = Reply(500, {"error": {"message": "llama_decode failed"}})
-    with pytest.raises(ProviderError) as info:
+    with pytest.raises(TransientProviderError) as info:
         chat(fault_server, max_retries=2).top_logprobs("q", 3)
     msg = str(info.value)
     assert fault_server.count == 3
@@ -138,12 +169,27 @@ def test_persistent_5xx_gives_up_with_a_clear_error(fault_server: FaultServer) -
     assert info.value.status == 500  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
-def test_other_4xx_are_not_retried(fault_server: FaultServer, status: int) -> None:
+@pytest.mark.parametrize(
+    ("status", "cls", "reason"),
+    [
+        (400, RequestRejectedError, "rejected"),
+        (422, RequestRejectedError, "rejected"),
+        (401, FatalProviderError, "auth"),
+        (403, FatalProviderError, "auth"),
+        (404, FatalProviderError, "not-found"),
+    ],
+)
+def test_other_4xx_are_not_retried_and_are_permanent(
+    fault_server: FaultServer, status: int, cls: type, reason: str
+) -> None:
     fault_server.default = Reply(status, {"error": {"message": f"nope {status}"}})
-    with pytest.raises(ProviderError, match=f"HTTP {status}.*nope {status}"):
+    with pytest.raises(cls, match=f"HTTP {status}.*nope {status}") as info:
         chat(fault_server).top_logprobs("q", 3)
     assert fault_server.count == 1
+    assert isinstance(info.value, FatalProviderError) and not isinstance(info.value, TransientProviderError)
+    assert info.value.reason == reason and info.value.status == status
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert "\n" not in str(info.value)
 
 
 def test_401_names_the_key_setting_but_never_the_key(
@@ -165,13 +211,80 @@ def test_retry_is_logged_without_the_key(fault_server: FaultServer, caplog: pyte
     assert SECRET not in caplog.text
 
 
-def test_hanging_server_times_out_and_is_retried(fault_server: FaultServer) -> None:
+def test_hanging_server_is_fatal_within_the_deadline(fault_server: FaultServer) -> None:
+    # timeout 0.3 s + 0.3 s waiting for a late answer per attempt; deadline 2 x 0.6 s for the request
     fault_server.default = Reply(body=chat_body(), delay=5.0)
+    provider = chat(fault_server, timeout=0.3, max_retries=5)
     t0 = time.monotonic()
-    with pytest.raises(ProviderError, match=r"timed out after 0.3 s, after 2 attempts"):
-        chat(fault_server, timeout=0.3, max_retries=1).top_logprobs("q", 3)
-    assert fault_server.count == 2
-    assert time.monotonic() - t0 < 3.0
+    with pytest.raises(FatalProviderError, match=r"has answered nothing for 1 s \(after 2 attempts") as info:
+        provider.top_logprobs("q", 3)
+    elapsed = time.monotonic() - t0
+    assert info.value.reason == "hanging"
+    assert fault_server.count == 2  # the deadline, not max_retries, ended it
+    assert 1.1 < elapsed < 2.0
+    assert provider.transport.stats()["abandoned"] == 2
+
+
+def test_timeouts_while_the_server_answers_others_are_transient(fault_server: FaultServer) -> None:
+    fault_server.default = Reply(body=chat_body(), delay=5.0)
+    provider = chat(fault_server, timeout=0.3, max_retries=5)
+    box: dict = {}
+
+    def slow() -> None:
+        try:
+            provider.top_logprobs("slow", 3)
+        except ProviderError as exc:
+            box["error"] = exc
+
+    th = threading.Thread(target=slow)
+    th.start()
+    time.sleep(0.15)
+    fault_server.push(Reply(body=chat_body()))
+    assert provider.top_logprobs("fast", 3).chosen is not None  # the server answers this one
+    th.join()
+    err = box["error"]
+    assert type(err) is TransientProviderError and err.reason == "timeout"
+    assert "timed out after 0.6 s (0.3 s timeout + 0.3 s waiting for a late answer), after 2 attempts" in str(
+        err
+    )
+
+
+def test_a_late_answer_is_used_not_bought_twice(fault_server: FaultServer) -> None:
+    fault_server.push(Reply(body=chat_body(), delay=0.8))
+    provider = chat(fault_server, timeout=0.3, late_wait=1.5)
+    assert provider.top_logprobs("q", 3).chosen is not None
+    assert fault_server.count == 1  # not re-sent at 0.3 s while the server was still working
+    assert provider.transport.stats()["late_answers"] == 1
+
+
+def test_an_answer_later_than_the_late_wait_is_abandoned_and_asked_once_more(
+    fault_server: FaultServer,
+) -> None:
+    fault_server.push(Reply(body=chat_body(), delay=3.0))
+    provider = chat(fault_server, timeout=0.2, late_wait=0.2)
+    t0 = time.monotonic()
+    assert provider.top_logprobs("q", 3).chosen is not None
+    assert fault_server.count == 2 and time.monotonic() - t0 < 1.5
+    assert provider.transport.stats() == {"attempts": 2, "late_answers": 0, "abandoned": 1, "spoiled": 0}
+
+
+def test_the_deadline_bounds_every_attempt_and_wait(fault_server: FaultServer) -> None:
+    fault_server.default = Reply(500, {"error": {"message": "down"}})
+    provider = chat(fault_server, max_retries=50, backoff_initial=0.2, backoff_max=0.2, deadline=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(TransientProviderError, match="HTTP 500"):
+        provider.top_logprobs("q", 3)
+    assert time.monotonic() - t0 < 1.3
+    assert 2 <= fault_server.count <= 6
+
+
+def test_a_retry_after_beyond_the_deadline_gives_up_at_once(fault_server: FaultServer) -> None:
+    fault_server.default = Reply(429, {"error": {"message": "later"}}, headers={"Retry-After": "30"})
+    t0 = time.monotonic()
+    with pytest.raises(TransientProviderError, match="HTTP 429") as info:
+        chat(fault_server, deadline=3.0).top_logprobs("q", 3)
+    assert time.monotonic() - t0 < 1.0 and fault_server.count == 1
+    assert info.value.reason == "rate-limited"
 
 
 def test_slow_but_in_time_reply_succeeds(fault_server: FaultServer) -> None:
@@ -180,17 +293,39 @@ def test_slow_but_in_time_reply_succeeds(fault_server: FaultServer) -> None:
     assert fault_server.count == 1
 
 
-def test_malformed_json_is_a_clear_error(fault_server: FaultServer) -> None:
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(body='{"choices": [{"logprobs": '),  # truncated
+        Reply(body=""),  # empty 200
+        Reply(body="<html>proxy login</html>", content_type="text/html"),  # not JSON
+        Reply(body="[1, 2]"),  # JSON, not an object
+        Reply(body='{"object": "chat.completion"}'),  # an object without choices
+    ],
+    ids=["truncated", "empty", "html", "list", "no-choices"],
+)
+def test_a_malformed_200_is_retried_like_a_500(fault_server: FaultServer, reply: Reply) -> None:
+    fault_server.push(reply)
+    provider = chat(fault_server)
+    assert provider.top_logprobs("q", 3).chosen is not None
+    assert fault_server.count == 2 and provider.transport.stats()["spoiled"] == 1
+
+
+def test_persistent_malformed_bodies_end_in_a_transient_error(fault_server: FaultServer) -> None:
     fault_server.default = Reply(body='{"choices": [{"logprobs": ')
-    with pytest.raises(ProviderError, match="malformed response"):
+    with pytest.raises(TransientProviderError, match="malformed response after 4 attempts") as info:
         chat(fault_server).top_logprobs("q", 3)
-    assert fault_server.count == 1
-
-
-def test_non_json_body_is_a_clear_error(fault_server: FaultServer) -> None:
+    assert fault_server.count == 4 and info.value.reason == "malformed"
     fault_server.default = Reply(body="<html>proxy login</html>", content_type="text/html")
-    with pytest.raises(ProviderError, match="malformed response.*not JSON"):
+    with pytest.raises(TransientProviderError, match="malformed response.*not JSON"):
         chat(fault_server).top_logprobs("q", 3)
+
+
+def test_a_dropped_connection_is_retried(fault_server: FaultServer) -> None:
+    fault_server.push(Reply(body=chat_body(), drop=True))
+    provider = chat(fault_server)
+    assert provider.top_logprobs("q", 3).chosen is not None
+    assert fault_server.count == 2
 
 
 def test_unreachable_server_says_so() -> None:
@@ -201,10 +336,11 @@ def test_unreachable_server_says_so() -> None:
         "m", f"http://127.0.0.1:{port}/v1", max_retries=1, timeout=2.0, backoff_initial=0.01
     )
     with pytest.raises(
-        ProviderError, match=rf"cannot reach server at http://127.0.0.1:{port}/v1.*is it running"
-    ):
+        FatalProviderError,
+        match=rf"cannot reach server at http://127.0.0.1:{port}/v1 \(ConnectError\).*is it running",
+    ) as info:
         p.top_logprobs("q", 3)
-    assert p.transport.attempts == 2
+    assert p.transport.attempts == 2 and info.value.reason == "unreachable"
 
 
 def test_async_retries_and_errors_match_sync(fault_server: FaultServer) -> None:
@@ -304,10 +440,34 @@ def test_repr_redacts_the_key(fault_server: FaultServer) -> None:
         assert SECRET not in repr(obj) and "***" in repr(obj)
 
 
-@pytest.mark.parametrize("kw", [{"timeout": 0}, {"max_retries": -1}, {"max_concurrency": 0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"timeout": 0},
+        {"timeout": -1.0},
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"timeout": "10"},
+        {"late_wait": float("nan")},
+        {"deadline": -5},
+        {"max_retries": -1},
+        {"max_retries": True},
+        {"max_retries": 1.5},
+        {"max_concurrency": 0},
+        {"backoff_initial": float("nan")},
+    ],
+)
 def test_bad_transport_settings(kw: dict) -> None:
-    with pytest.raises(InputError):
+    name = next(iter(kw))
+    with pytest.raises(InputError, match=name):
         Transport("http://127.0.0.1:9/v1", **kw)
+
+
+def test_default_timeouts_bound_a_request() -> None:
+    t = Transport("http://127.0.0.1:9/v1")
+    assert (t.timeout, t.late_wait, t.deadline) == (30.0, 30.0, 120.0)
+    assert t.client.max_retries == 0  # tenacity alone retries
+    assert Transport("http://127.0.0.1:9/v1", timeout=10).deadline == 40.0
 
 
 # -- echo scoring on an OpenAI-layout server (vLLM / OpenAI: entry i scores token i) -------------------

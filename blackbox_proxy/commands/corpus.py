@@ -5,11 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..corpus import build_corpus, write_corpus
+from ..errors import InputError
+from ..files import check_output_path
+
+
+def _check_out(out: str, data_dir: str) -> None:
+    """Refuse an unusable --out before reading any article (a folder, the data folder, a read-only place)."""
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out {path} is a directory; give a file name, e.g. {path / 'corpus.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"--out {path}: cannot create folder {path.parent} ({exc.strerror or exc})"
+        ) from None
+    check_output_path(path, inputs=[data_dir])
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.data_dir)
     docs, stats = build_corpus(
         args.data_dir,
         args.weeks,

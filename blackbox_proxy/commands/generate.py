@@ -1,4 +1,8 @@
-"""``blackbox-proxy generate PROMPT --base SPEC --expert SPEC --anti-expert SPEC``: proxy-tuned text.
+"""``blackbox-proxy generate PROMPT``: proxy-tuned text from a local base or a black-box server.
+
+* ``--base SPEC`` (a local model): full-logit decoding over the shared vocabulary;
+* ``--base-url URL --model NAME``: black-box decoding through the server's top-k log-probs
+  (``--endpoint completions|chat``, ``--top-logprobs K``, ``--no-speculative``, ``--report FILE.json``).
 
 Streams the continuation, and only it, to stdout; model loading and diagnostics go to stderr.
 """
@@ -6,12 +10,15 @@ Streams the continuation, and only it, to stdout; model loading and diagnostics 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from typing import Any
 
 from ..errors import InputError
+from ..files import atomic_write_json, check_output_path
+from .options import add_provider_args, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,36 @@ def _alphas(args: argparse.Namespace, n_pairs: int) -> list[float]:
     return alphas
 
 
+def _server_params(items: list[str] | None) -> dict[str, Any]:
+    """``--server-param KEY=VALUE`` (VALUE read as JSON where it parses, else as text)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--server-param takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _black_box_provider(args: argparse.Namespace) -> Any:
+    """The base provider for black-box generation: Completions, or chat that continues a partial reply."""
+    from dataclasses import replace
+
+    from ..adapters.base import create_provider
+    from .options import provider_options
+
+    name, opts = provider_options(args)
+    if not args.provider:
+        name = "openai-completions" if args.endpoint == "completions" else "openai-chat-continue"
+    extra = _server_params(args.server_param)
+    if extra:
+        opts = replace(opts, extra={"extra_body": extra})
+    return create_provider(name, opts)
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -65,6 +102,18 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(
             f"each --expert needs an --anti-expert: got {len(experts)} experts and {len(antis)} anti-experts"
         )
+    black_box = bool(args.base_url or args.provider)
+    if black_box and args.base:
+        raise InputError("give either --base SPEC (local, full logits) or --base-url/--provider (black-box)")
+    if not black_box and not args.base:
+        raise InputError(
+            "no base model: give --base SPEC (a local model, full logits) or --base-url URL --model NAME "
+            "(a server, through its top-k log-probs)"
+        )
+    if args.report and not black_box:
+        raise InputError("--report records the black-box accounting; it needs --base-url")
+    if args.report:
+        check_output_path(args.report, what="--report")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise InputError("empty prompt")
@@ -78,23 +127,64 @@ def _run(args: argparse.Namespace) -> int:
     )
     torch.set_num_threads(args.threads)
     load = _loader(args.backend, args.threads, args.n_ctx)
-    base = load(args.base)
+    provider = _black_box_provider(args) if black_box else None
+    base = None if black_box else load(args.base)
     pairs = [
         ProxyPair(
             load(e), load(a), alpha=alpha, expert_format=args.expert_format, anti_format=args.anti_format
         )
         for e, a, alpha in zip(experts, antis, _alphas(args, len(experts)), strict=True)
     ]
-    decoder = ProxyDecoder(base, pairs, base_format=args.base_format)
+    if black_box:
+        from ..blackbox_decoding import BlackBoxProxyGenerator
+
+        generator: Any = BlackBoxProxyGenerator(
+            provider,
+            pairs,
+            top_logprobs=args.top_logprobs,
+            speculative=not args.no_speculative,
+            block_size=args.block_size,
+            max_block=max(args.block_size, 32),
+        )
+        if provider is not None and getattr(provider, "endpoint", "") == "chat":
+            messages: Any = [{"role": "user", "content": prompt}]
+            prompt = messages
+    else:
+        generator = ProxyDecoder(base, pairs, base_format=args.base_format)
     t0 = time.perf_counter()
     n_chunks = 0
-    for chunk in decoder.stream(prompt, config):
+    for chunk in generator.stream(prompt, config):
         sys.stdout.write(chunk)
         sys.stdout.flush()
         n_chunks += 1
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     log.info("generated %d chunks in %.1f s", n_chunks, time.perf_counter() - t0)
+    if black_box:
+        result = generator.last
+        acct = result.accounting
+        log.info(
+            "black-box: %d calls for %d tokens (%.2f per token), %d prompt tokens sent, %d changed",
+            acct.api_calls,
+            acct.generated_tokens,
+            acct.calls_per_token,
+            acct.prompt_tokens_sent,
+            len(acct.changed),
+        )
+        if args.report:
+            atomic_write_json(
+                args.report,
+                {
+                    "prompt": result.prompt,
+                    "text": result.text,
+                    "tokens": list(result.tokens),
+                    "finish_reason": result.finish_reason,
+                    "base": {"provider": provider.kind, "model": provider.model, "base_url": args.base_url},
+                    "pairs": [{"expert": e, "anti_expert": a} for e, a in zip(experts, antis, strict=True)],
+                    "alphas": list(result.alphas),
+                    "accounting": acct.to_dict(),
+                },
+            )
     return 0
 
 
@@ -106,7 +196,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Greedy unless --temperature is given. Only the continuation is written to stdout.",
     )
     p.add_argument("prompt", help="prompt text ('-' reads it from stdin)")
-    p.add_argument("--base", required=True, help="base model spec (packaged name, .gguf, folder, hub id)")
+    p.add_argument(
+        "--base", help="local base model spec (packaged name, .gguf, folder, hub id): full-logit decoding"
+    )
     p.add_argument("--expert", action="append", help="expert model spec (repeat for several pairs)")
     p.add_argument("--anti-expert", action="append", help="anti-expert model spec, one per --expert")
     p.add_argument(
@@ -141,4 +233,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context per sequence (default 2048)")
-    p.set_defaults(func=_run)
+    add_provider_args(p)
+    g = p.add_argument_group("black-box generation (with --base-url)")
+    g.add_argument(
+        "--no-speculative",
+        action="store_true",
+        help="one call per token instead of verifying blocks of the server's greedy tokens",
+    )
+    g.add_argument(
+        "--block-size", type=positive_int, default=8, help="first block length (adapts afterwards; default 8)"
+    )
+    g.add_argument(
+        "--server-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra request field for the server (JSON value), e.g. repeat_penalty=1.0 for "
+        "llama-cpp-python's server, whose default penalty 1.1 makes its greedy token differ from its log-probs",
+    )
+    g.add_argument("--report", metavar="FILE.json", help="write the accounting (calls, tokens, changes) here")
+    p.set_defaults(func=_run, endpoint="completions", top_logprobs=20)

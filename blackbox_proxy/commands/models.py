@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..model_checks import check_gguf_file, check_model_folder
 from ..models import gguf_path, list_models, safetensors_dir
+
+
+def check_spec_files(spec: str) -> None:
+    """A spec naming a local file or folder is checked (magic, truncation, tokenizer) before anything loads it."""
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        check_gguf_file(p)
+    elif p.is_dir():
+        if (p / "config.json").exists() or (p / "adapter_config.json").exists():
+            check_model_folder(p)
+        else:
+            for g in p.glob("*.gguf"):
+                check_gguf_file(g)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -15,6 +30,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
+    check_spec_files(args.name)
     print(gguf_path(args.name) if args.gguf else safetensors_dir(args.name))
     return 0
 

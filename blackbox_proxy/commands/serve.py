@@ -9,6 +9,15 @@ import threading
 from types import FrameType
 
 from ..server import LocalServer
+from .options import positive_int
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    v = positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {v}")
+    return v
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,8 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "name", help="model name to serve under; also the weights (packaged name or .gguf) unless --model"
     )
     p.add_argument("--model", default=None, help="weights to serve (packaged model name or .gguf path)")
-    p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    p.add_argument("--port", type=_port, default=None, help="TCP port (default: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--n-ctx", type=int, default=2048, help="context length in tokens (default: 2048)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.add_argument(
+        "--n-ctx", type=positive_int, default=2048, help="context length in tokens (default: 2048)"
+    )
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default: 2)")
     p.set_defaults(func=_serve)

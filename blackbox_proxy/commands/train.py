@@ -4,11 +4,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from pathlib import Path
 
+from ..errors import InputError
 from ..training import TrainConfig, train_expert
+from .models import check_spec_files
+from .options import non_negative_int, positive_float, positive_int
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def _dropout(text: str) -> float:
+    """argparse type: a probability in [0, 1)."""
+    v = _non_negative_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
+    return v
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse what would fail after loading the base model: --out a file, missing data, a damaged base folder."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; the expert is written as a folder, give a folder name")
+    data = Path(args.data)
+    if not data.exists():
+        raise InputError(f"training data {data} does not exist")
+    if data.resolve() == out.resolve():
+        raise InputError(f"--out {out} is the training data; give another folder")
+    check_spec_files(args.base)
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_paths(args)
     cfg = TrainConfig(
         epochs=args.epochs,
         max_steps=args.max_steps,
@@ -57,32 +95,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kind", choices=("auto", "text", "sft"), default="auto", help="data kind (default: inferred)"
     )
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (fractions allowed)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5 full, 2e-4 LoRA)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument(
+        "--epochs", type=positive_float, default=1.0, help="passes over the data (fractions allowed)"
+    )
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; overrides --epochs")
+    p.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default 5e-5 full, 2e-4 LoRA)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=positive_int, default=256, help="tokens per training sequence")
     p.add_argument("--no-packing", action="store_true", help="do not pack short documents together")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling alpha")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=positive_int, default=16, help="LoRA scaling alpha")
+    p.add_argument("--lora-dropout", type=_dropout, default=0.05, help="LoRA dropout")
     p.add_argument(
         "--lora-targets", default="all-linear", help="'all-linear' or comma-separated module names"
     )
     p.add_argument("--merge-lora", action="store_true", help="save merged weights instead of an adapter")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, LoRA init, dropout)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--save-every", type=non_negative_int, default=50, help="checkpoint every N steps (0: never)"
+    )
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the last checkpoint after finishing")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps")
     p.add_argument(
         "--scheduler", choices=("linear", "cosine", "constant"), default="linear", help="LR schedule"
     )
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument(
+        "--max-grad-norm", type=_non_negative_float, default=1.0, help="gradient clipping (0: off)"
+    )
     p.add_argument("--no-chat-template", action="store_true", help="pairs as plain prompt + response text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
+from ..files import iter_jsonl
 from ..types import MCQuestion
 
 FILENAME = "truthfulqa_mc1_sample.jsonl"
@@ -26,15 +27,13 @@ N_OPTIONS = 4
 
 def load_sample() -> list[MCQuestion]:
     """The shipped sample as MCQuestions (ids ``truthfulqa_<source index>``)."""
-    text = resources.files(__package__).joinpath(FILENAME).read_text(encoding="utf-8")
+    path = resources.files(__package__).joinpath(FILENAME)
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            rec = json.loads(line)
-            try:
-                out.append(MCQuestion(rec["id"], rec["question"], tuple(rec["choices"]), rec["answer"]))
-            except (KeyError, InputError) as exc:
-                raise InputError(f"{FILENAME}:{n}: {exc}") from None
+    for n, rec in iter_jsonl(str(path), what="shipped sample"):
+        try:
+            out.append(MCQuestion(rec["id"], rec["question"], tuple(rec["choices"]), rec["answer"]))
+        except (KeyError, InputError) as exc:
+            raise InputError(f"{FILENAME}:{n}: {exc}") from None
     return out
 
 

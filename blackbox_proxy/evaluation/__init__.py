@@ -6,7 +6,7 @@ asks the base once and scores the pair once per question, then derives every sys
 """
 
 from .datasets import DATASETS, DatasetError, load_dataset, load_realtimeqa
-from .runner import EvalResult, EvaluationRunner, LazyExpertPair, QuestionRecord, load_run
+from .runner import EvalResult, EvaluationRunner, load_run
 from .stats import accuracy, mcnemar_exact, paired_bootstrap, wilson_interval
 
 __all__ = [
@@ -14,8 +14,6 @@ __all__ = [
     "DatasetError",
     "EvalResult",
     "EvaluationRunner",
-    "LazyExpertPair",
-    "QuestionRecord",
     "accuracy",
     "load_dataset",
     "load_realtimeqa",

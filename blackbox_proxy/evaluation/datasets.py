@@ -18,28 +18,25 @@ RealtimeQA rules (see ``load_realtimeqa``):
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import date, timedelta
-from html.parser import HTMLParser
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..dates import as_date, parse_date, parse_date_range
+from ..errors import DatasetError, InputError
+from ..files import iter_jsonl
+from ..text import strip_html
 from ..types import LETTERS, MCQuestion
 
 log = logging.getLogger(__name__)
 
 _WEEKLY = {"qa": re.compile(r"^(\d{8})_qa\.jsonl$"), "qa_nota": re.compile(r"^(\d{8})_qa_nota\.jsonl$")}
-
-
-class DatasetError(InputError):
-    """A dataset file is missing or malformed (the message names the file and record)."""
 
 
 # --------------------------------------------------------------------------- paths
@@ -62,100 +59,11 @@ def _resolve(path: str | os.PathLike[str] | None, sub: str) -> Path:
 
 
 def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; DatasetError names the bad line."""
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise DatasetError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield i, rec
-
-
-# --------------------------------------------------------------------------- dates
-
-
-_DATE_RE = re.compile(r"^(\d{4})[-/]?(\d{2})[-/]?(\d{2})$")
-_MONTH_RE = re.compile(r"^(\d{4})[-/](\d{2})$")
-_YEAR_RE = re.compile(r"^(\d{4})$")
-
-
-def parse_date(text: str) -> date:
-    """Parse ``YYYY/MM/DD``, ``YYYY-MM-DD`` or ``YYYYMMDD`` into a date (DatasetError otherwise)."""
-    m = _DATE_RE.match(str(text).strip())
-    if not m:
-        raise DatasetError(f"cannot parse date {text!r}: expected YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD")
+    """(line number, record) for each non-blank line; a bad line is a DatasetError naming it."""
     try:
-        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    except ValueError as exc:
-        raise DatasetError(f"invalid date {text!r}: {exc}") from None
-
-
-def _bound(text: str, end: bool) -> date:
-    """A range endpoint: a day, a month (``YYYY-MM``) or a year (``YYYY``); month/year expand to their span."""
-    t = text.strip()
-    if m := _YEAR_RE.match(t):
-        y = int(m.group(1))
-        return date(y, 12, 31) if end else date(y, 1, 1)
-    if m := _MONTH_RE.match(t):
-        y, mo = int(m.group(1)), int(m.group(2))
-        if not 1 <= mo <= 12:
-            raise DatasetError(f"invalid month {text!r}")
-        if not end:
-            return date(y, mo, 1)
-        nxt = date(y + (mo == 12), mo % 12 + 1, 1)
-        return nxt - timedelta(days=1)
-    return parse_date(t)
-
-
-def parse_date_range(spec: str) -> tuple[date | None, date | None]:
-    """Parse ``START..END`` (either side may be empty) where each side is a day, month or year.
-
-    ``2025-01..2026-07`` covers 2025-01-01 to 2026-07-31; ``2025/03/07`` alone is that single day.
-    """
-    s = str(spec).strip()
-    if not s:
-        raise DatasetError("empty date range")
-    if ".." not in s:
-        return _bound(s, False), _bound(s, True)
-    a, b = s.split("..", 1)
-    lo = _bound(a, False) if a.strip() else None
-    hi = _bound(b, True) if b.strip() else None
-    if lo and hi and lo > hi:
-        raise DatasetError(f"date range {spec!r} starts after it ends")
-    return lo, hi
-
-
-def _as_date(d: date | str | None, end: bool) -> date | None:
-    if d is None or isinstance(d, date):
-        return d
-    return _bound(d, end)
-
-
-# --------------------------------------------------------------------------- HTML
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-
-def strip_html(text: str) -> str:
-    """Plain text of an HTML fragment: tags removed, entities decoded, whitespace collapsed."""
-    if not text:
-        return ""
-    p = _TextExtractor()
-    p.feed(text)
-    p.close()
-    return re.sub(r"\s+", " ", html.unescape("".join(p.parts))).strip()
+        yield from iter_jsonl(path, what="dataset file")  # type: ignore[misc]
+    except InputError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- choices
@@ -224,7 +132,7 @@ def load_realtimeqa(
     """
     if by not in ("question_date", "week"):
         raise DatasetError(f"unknown date field {by!r}; choose 'question_date' or 'week'")
-    lo, hi = parse_date_range(weeks) if weeks else (_as_date(start, False), _as_date(end, True))
+    lo, hi = parse_date_range(weeks) if weeks else (as_date(start, False), as_date(end, True))
     seen_content: set[str] = set()
     seen_ids: set[str] = set()
     out: list[MCQuestion] = []
@@ -409,35 +317,80 @@ def load_arc(path: str | os.PathLike[str] | None = None, *, subset: str = "easy"
 # --------------------------------------------------------------------------- generic JSONL
 
 
-def load_jsonl(path: str | os.PathLike[str]) -> list[MCQuestion]:
-    """The ``mc`` command's JSONL: ``{id, question, choices, answer}`` with ``answer`` 0-based (optional)."""
+def question_from_record(rec: Any, where: str, default_id: str) -> MCQuestion:
+    """One question of the generic JSONL, ``{id, question, choices, answer}``, validated field by field.
+
+    ``answer`` (optional) is the 0-based index of the gold option; ``id`` defaults to ``default_id``.
+    The message of every error starts with ``where`` (``path:line``).
+    """
+    if not isinstance(rec, Mapping):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("question", "choices"):
+        if key not in rec:
+            raise DatasetError(f"{where}: missing field {key!r}")
+    question, choices = rec["question"], rec["choices"]
+    if not isinstance(question, str):
+        raise DatasetError(f"{where}: 'question' must be a string, got {type(question).__name__}")
+    if not isinstance(choices, list):
+        raise DatasetError(f"{where}: 'choices' must be a list of strings, got {type(choices).__name__}")
+    if not choices:
+        raise DatasetError(f"{where}: 'choices' is empty")
+    if len(choices) > len(LETTERS):
+        raise DatasetError(
+            f"{where}: {len(choices)} choices, more than the {len(LETTERS)} option letters A-Z"
+        )
+    if any(not isinstance(c, (str, int, float)) or isinstance(c, bool) for c in choices):
+        raise DatasetError(f"{where}: every choice must be a string")
+    ans = rec.get("answer")
+    if ans is not None and (isinstance(ans, bool) or not isinstance(ans, int)):
+        raise DatasetError(f"{where}: 'answer' must be a 0-based integer index, got {ans!r}")
+    qid = rec.get("id", default_id)
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or not str(qid).strip():
+        raise DatasetError(f"{where}: 'id' must be a non-empty string or integer, got {qid!r}")
+    meta = {k: v for k, v in rec.items() if k not in ("id", "question", "choices", "answer")}
+    try:
+        return MCQuestion(str(qid), question, tuple(str(c) for c in choices), ans, meta)
+    except InputError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
+
+
+def read_questions_jsonl(
+    path: str | os.PathLike[str], *, lenient: bool = False
+) -> tuple[list[MCQuestion], list[str]]:
+    """The questions of a generic JSONL file, and one ``path:line: reason`` message per rejected line.
+
+    Strict (the default) raises DatasetError at the first bad line; ``lenient`` skips bad lines
+    (and later duplicates of an id) and reports them. Ids default to ``line{n}``.
+    """
     if path is None:
         raise DatasetError("the jsonl dataset needs a file path")
-    p = _resolve(path, "")
-    out = []
-    ids: set[str] = set()
-    for line, rec in read_jsonl_records(p):
-        where = f"{p}:{line}"
-        for k in ("question", "choices"):
-            if k not in rec:
-                raise DatasetError(f"{where}: record has no {k!r} field")
-        if not isinstance(rec["choices"], list):
-            raise DatasetError(f"{where}: 'choices' must be a list")
-        ans = rec.get("answer")
-        if ans is not None and (isinstance(ans, bool) or not isinstance(ans, int)):
-            raise DatasetError(f"{where}: 'answer' must be a 0-based integer index, got {ans!r}")
-        qid = str(rec.get("id", line))
-        if qid in ids:
-            raise DatasetError(f"{where}: duplicate id {qid!r}")
-        ids.add(qid)
-        meta = {k: v for k, v in rec.items() if k not in ("id", "question", "choices", "answer")}
+    p = Path(path)
+    out: list[MCQuestion] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for n, rec in iter_jsonl(p, what="questions file", lenient=True):
+        where = f"{p}:{n}"
         try:
-            out.append(
-                MCQuestion(qid, str(rec["question"]), tuple(str(c) for c in rec["choices"]), ans, meta)
-            )
-        except InputError as exc:
-            raise DatasetError(f"{where}: {exc}") from None
-    return out
+            if isinstance(rec, InputError):
+                raise DatasetError(str(rec))
+            q = question_from_record(rec, where, f"line{n}")
+            if q.id in seen:
+                raise DatasetError(f"{where}: duplicate id {q.id!r}")
+        except DatasetError as exc:
+            if not lenient:
+                raise
+            errors.append(str(exc))
+            continue
+        seen.add(q.id)
+        out.append(q)
+    return out, errors
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[MCQuestion]:
+    """The generic JSONL (strict): ``{id, question, choices, answer}`` with ``answer`` 0-based (optional)."""
+    if path is None:
+        raise DatasetError("the jsonl dataset needs a file path")
+    return read_questions_jsonl(_resolve(path, ""), lenient=False)[0]
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,322 +1,246 @@
-"""The evaluation runner: each question costs one base request and one expert-pair scoring, ever.
+"""The evaluation runner: resume and concurrency over the multiple-choice engine.
 
-For every question the runner asks the base provider for its top-k log-probs ONCE and scores the
-expert pair ONCE, and stores both raw results. Every reported answer - base-only, expert-only,
-anti-expert-only and proxy-tuned for any number of alphas, policies or strategies - is then derived
-from those stored scores with :func:`blackbox_proxy.combine.combine`, without new requests.
+Each question costs one base request and one scoring per expert pair, ever: the engine
+(:class:`blackbox_proxy.rerank.Reranker`) produces one :class:`~blackbox_proxy.rerank.MCRecord`
+per question, and every reported answer (base, expert alone, proxy at every alpha of a sweep, the
+controls) is derived from the stored records without new requests.
 
-Resume: with a ``run_dir`` the runner appends each base response to ``base.jsonl`` the moment it
-arrives and each finished question to ``results.jsonl`` (flushed and fsynced per line). A run that
-is killed and restarted with the same ``run_dir`` skips finished questions and reuses stored base
-responses, so no request is made twice and no finished row is lost. ``run.json`` records what the
-raw scores depend on (provider, model, k, endpoint, expert pair) and a restart with different
-settings is refused. This store is separate from the provider's response cache
-(:class:`blackbox_proxy.cache.ResponseCache`), which can be given to the provider as well.
+Resume: with a ``run_dir`` each base answer is appended to ``base.jsonl`` the moment it arrives and
+each finished record to ``results.jsonl`` (flushed and fsynced per line). A run restarted with the
+same ``run_dir`` skips finished questions, reuses stored base answers and retries questions whose
+record holds an error. ``run.json`` records what the raw scores depend on (provider, model, k,
+endpoint, pairs); a restart with other settings is refused. A corrupt line in a store is reported
+with its file and line number and only that record is redone. Gold answers and metadata are not
+part of what was paid for: a resume takes them from the current questions.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import threading
-from collections.abc import Iterable, Mapping, Sequence
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ..candidates import match_candidates
-from ..combine import argmax, combine
-from ..errors import BlackboxProxyError, InputError, MissingLogprobsError
-from ..prompts import mc_messages, mc_text
-from ..types import MCQuestion, TokenLogprob, TopLogprobs, Usage
+from ..errors import InputError
+from ..experts import ExpertPair, PairScores
+from ..files import JsonlStore, atomic_write_json, read_text
+from ..option_scoring import OptionScores
+from ..rerank import MCRecord, Reranker, check_alphas, derive, question_digest, records_table, sweep_key
+from ..types import MCQuestion, TopLogprobs
 from . import stats
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("chat", "completions")
 RUN_FILE = "run.json"
 BASE_FILE = "base.jsonl"
 RESULTS_FILE = "results.jsonl"
+DEBIAS_FILE = "debias.json"
 
 
-# --------------------------------------------------------------------------- (de)serialisation
+def _as_extra(e: Any) -> MCQuestion:
+    """A debiasing prompt as a question of its own, keyed by the plan's key."""
+    q = e.question
+    return MCQuestion(e.key, q.question, q.choices, q.answer, q.meta)
 
 
-def top_to_json(top: TopLogprobs) -> dict[str, Any]:
-    """A JSON-ready dict of a TopLogprobs (inverse of :func:`top_from_json`)."""
-
-    def ent(e: TokenLogprob) -> dict[str, Any]:
-        return {"token": e.token, "logprob": e.logprob, "id": e.id}
-
-    u = top.usage
-    return {
-        "entries": [ent(e) for e in top.entries],
-        "k": top.k,
-        "chosen": ent(top.chosen) if top.chosen is not None else None,
-        "model": top.model,
-        "provider": top.provider,
-        "usage": None if u is None else [u.prompt_tokens, u.completion_tokens, u.requests, u.cached],
-    }
+# --------------------------------------------------------------------------- results
 
 
-def top_from_json(d: Mapping[str, Any]) -> TopLogprobs:
-    """Rebuild a TopLogprobs stored by :func:`top_to_json`."""
-
-    def ent(x: Mapping[str, Any]) -> TokenLogprob:
-        return TokenLogprob(str(x["token"]), float(x["logprob"]), x.get("id"))
-
-    u = d.get("usage")
-    return TopLogprobs(
-        tuple(ent(e) for e in d["entries"]),
-        int(d["k"]),
-        ent(d["chosen"]) if d.get("chosen") else None,
-        str(d.get("model", "")),
-        str(d.get("provider", "")),
-        None if u is None else Usage(int(u[0]), int(u[1]), int(u[2]), bool(u[3])),
-    )
+def _mean(s: pd.Series) -> float:
+    return float(s.astype(bool).mean()) if len(s) else math.nan
 
 
-def question_digest(q: MCQuestion) -> str:
-    """Short hash of a question's text and options, to catch a reused id with different content."""
-    text = json.dumps([q.question, list(q.choices)], ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+def control_records(
+    records: Sequence[MCRecord], alphas: Sequence[float], kind: str, seed: int = 0
+) -> list[MCRecord]:
+    """Records whose pair offsets are replaced by a control that carries no question knowledge.
 
-
-@dataclass(frozen=True)
-class QuestionRecord:
-    """The raw, stored outcome of one question: base top-k and the expert pair's candidate scores.
-
-    ``top`` is None when the base answered without any log-probs (e.g. llama.cpp stopping at once
-    on an end-of-text token); ``error`` then says why, and the question counts as all-missing.
+    ``"mean"``: every question gets the mean offset of each option letter over all questions (a pure
+    letter prior); ``"shuffled"``: offsets permuted across questions with the same number of options.
+    The offset is the summed ``alpha_i * (expert_i - anti_i)``, held as one pair (expert = offset,
+    anti = 0), so derive it at alpha 1 scaled by the sweep value.
     """
-
-    id: str
-    labels: tuple[str, ...]
-    gold: str | None
-    top: TopLogprobs | None
-    expert: dict[str, float] | None = None
-    anti_expert: dict[str, float] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    digest: str = ""
-    error: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "labels": list(self.labels),
-            "gold": self.gold,
-            "top": None if self.top is None else top_to_json(self.top),
-            "expert": self.expert,
-            "anti_expert": self.anti_expert,
-            "meta": self.meta,
-            "digest": self.digest,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> QuestionRecord:
-        return cls(
-            str(d["id"]),
-            tuple(d["labels"]),
-            d.get("gold"),
-            top_from_json(d["top"]) if d.get("top") else None,
-            d.get("expert"),
-            d.get("anti_expert"),
-            dict(d.get("meta") or {}),
-            str(d.get("digest", "")),
-            str(d.get("error") or ""),
-        )
-
-
-class JsonlStore:
-    """Append-only JSONL keyed by ``id``: each append is flushed and fsynced; a torn last line is dropped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Every complete record by id; a partial trailing line (a killed write) is cut off the file."""
-        out: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return out
-        data = self.path.read_bytes()
-        good = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            out[str(rec["id"])] = rec
-            good += len(line)
-        if good < len(data):
-            log.warning("%s: dropping %d bytes of an unfinished record", self.path, len(data) - good)
-            with self.path.open("r+b") as fh:
-                fh.truncate(good)
-        return out
-
-    def append(self, rec: Mapping[str, Any]) -> None:
-        """Write one record as a line and make it durable before returning."""
-        line = json.dumps(rec, ensure_ascii=False) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-# --------------------------------------------------------------------------- deriving answers
-
-
-def _alpha_key(a: float) -> str:
-    return f"{a:g}"
-
-
-def derive_row(
-    rec: QuestionRecord, alphas: Sequence[float], *, policy: str = "floor", strategy: str = "proxy"
-) -> dict[str, Any]:
-    """One results-table row from stored scores: base, expert, anti-expert and proxy answers per alpha."""
-    labels = rec.labels
-    gold = rec.gold or ""
-    if rec.top is None:  # the base returned no log-probs at all: nothing to steer
-        base: dict[str, float | None] = dict.fromkeys(labels)
-        missing, bound, c0 = list(labels), None, None
-        base_letter = None
+    offs: list[dict[str, float] | None] = []
+    for r in records:
+        if r.top is None or not r.pairs:
+            offs.append(None)
+            continue
+        o = dict.fromkeys(r.labels, 0.0)
+        for p, a in zip(r.pairs, alphas, strict=True):
+            e, anti = p.as_pair()
+            for lab in r.labels:
+                o[lab] += a * (e[lab] - anti[lab])
+        offs.append(o)
+    if kind == "mean":
+        sums: dict[str, list[float]] = {}
+        for o in offs:
+            for lab, v in (o or {}).items():
+                sums.setdefault(lab, []).append(v)
+        mean = {lab: math.fsum(v) / len(v) for lab, v in sums.items()}
+        new = [None if o is None else {lab: mean[lab] for lab in o} for o in offs]
+    elif kind == "shuffled":
+        rng = random.Random(seed)
+        new = list(offs)
+        by_n: dict[int, list[int]] = {}
+        for i, o in enumerate(offs):
+            if o is not None:
+                by_n.setdefault(len(o), []).append(i)
+        for idx in by_n.values():
+            perm = idx[:]
+            rng.shuffle(perm)
+            for i, j in zip(idx, perm, strict=True):
+                new[i] = dict(zip(records[i].labels, offs[j].values(), strict=True))  # type: ignore[union-attr]
     else:
-        base = match_candidates(rec.top, labels)
-        missing = [lab for lab in labels if base[lab] is None]
-        bound = rec.top.missing_bound()
-        c0 = combine(base, [], [], policy=policy, strategy="proxy", bound=bound)
-        base_letter = None if c0.excluded else c0.base_letter
-
-    def ok(letter: str | None) -> bool | None:
-        return None if not gold else letter == gold
-
-    row: dict[str, Any] = {
-        "id": rec.id,
-        "week": rec.meta.get("week", ""),
-        "date": rec.meta.get("date", ""),
-        "source": rec.meta.get("source", ""),
-        "n_choices": len(labels),
-        "gold": gold,
-        "n_missing": len(missing),
-        "missing": "".join(missing),
-        "all_missing": len(missing) == len(labels),
-        "base_letter": base_letter or "",
-        "base_correct": ok(base_letter),
-    }
-    has_pair = rec.expert is not None and rec.anti_expert is not None
-    if has_pair:
-        exp_letter, anti_letter = argmax(rec.expert), argmax(rec.anti_expert)
-        row.update(
-            expert_letter=exp_letter or "",
-            expert_correct=ok(exp_letter),
-            anti_letter=anti_letter or "",
-            anti_correct=ok(anti_letter),
-        )
-        for a in alphas:
-            letter = None
-            if c0 is not None:
-                c = combine(
-                    base, [(rec.expert, rec.anti_expert)], [a], policy=policy, strategy=strategy, bound=bound
-                )
-                letter = None if c.excluded else c.letter
-            row[f"proxy_letter@{_alpha_key(a)}"] = letter or ""
-            row[f"proxy_correct@{_alpha_key(a)}"] = ok(letter)
-    u = (rec.top.usage if rec.top is not None else None) or Usage(0, 0, 0)
-    row.update(
-        error=rec.error,
-        prompt_tokens=u.prompt_tokens,
-        cached=u.cached,
-        model=rec.top.model if rec.top is not None else "",
-        base_logprobs=json.dumps({k: v for k, v in base.items()}),
-        expert_logprobs=json.dumps(rec.expert) if has_pair else "",
-        anti_logprobs=json.dumps(rec.anti_expert) if has_pair else "",
-    )
-    return row
+        raise InputError(f"unknown control {kind!r}: use 'mean' or 'shuffled'")
+    out = []
+    for r, o in zip(records, new, strict=True):
+        pairs = () if o is None else (PairScores(o, dict.fromkeys(o, 0.0)),)
+        out.append(MCRecord(r.id, r.labels, r.gold, r.top, pairs, r.meta, r.digest, r.error))
+    return out
 
 
 @dataclass
 class EvalResult:
-    """All stored question records of a run, plus the settings used to turn them into answers."""
+    """All stored records of a run, plus the settings used to turn them into answers.
 
-    records: list[QuestionRecord]
-    alphas: tuple[float, ...] = (1.0,)
+    ``alphas`` holds one weight per pair; ``sweep`` the scale factors reported as
+    ``steered_letter@s`` (with one pair and alpha 1 they are the alphas themselves).
+    """
+
+    records: list[MCRecord]
+    sweep_values: tuple[float, ...] = (1.0,)
     policy: str = "floor"
     strategy: str = "proxy"
     requests: int = 0
+    alphas: tuple[float, ...] | None = None
+    problems: tuple[str, ...] = ()
+    #: the letter-bias correction of the base (None: none) and the extra records it scored
+    debias_plan: Any = None
+    extra: dict[str, MCRecord] = field(default_factory=dict)
 
-    def table(self, alphas: Sequence[float] | None = None) -> pd.DataFrame:
-        """The per-question results table (one row per question), for these or the run's alphas."""
-        al = tuple(alphas) if alphas is not None else self.alphas
-        rows = []
-        for r in self.records:
-            try:
-                rows.append(derive_row(r, al, policy=self.policy, strategy=self.strategy))
-            except BlackboxProxyError as exc:
-                raise type(exc)(f"question {r.id!r}: {exc}") from exc
-        return pd.DataFrame(rows)
+    def __post_init__(self) -> None:
+        n = max((len(r.pairs) for r in self.records), default=0)
+        self.alphas = check_alphas(self.alphas if self.alphas is not None else 1.0, n) if n else ()
+        self.sweep_values = tuple(float(s) for s in self.sweep_values)
 
-    def systems(self, alphas: Sequence[float] | None = None) -> list[tuple[str, str, float | None]]:
-        """(name, correctness column, alpha) of each reported system."""
-        al = tuple(alphas) if alphas is not None else self.alphas
+    @property
+    def has_pairs(self) -> bool:
+        return any(r.pairs for r in self.records)
+
+    def debiased(self) -> Any:
+        """The :class:`~blackbox_proxy.debias.DebiasResult` of the base's letters (None without debiasing)."""
+        if self.debias_plan is None or self.debias_plan.method == "none":
+            return None
+        from .. import debias
+
+        def letters(r: MCRecord | None) -> dict[str, float] | None:
+            if r is None or r.top is None:
+                return None
+            a = derive(r, [0.0] * len(r.pairs), policy=self.policy)
+            if a.excluded:
+                return None
+            return {lab: a.base_logprobs.get(lab, -math.inf) for lab in r.labels}
+
+        observed = {r.id: letters(r) for r in self.records}
+        extra = {e.key: letters(self.extra.get(e.key)) for e in self.debias_plan.extra}
+        return debias.apply(self.debias_plan, observed, extra)
+
+    def base_overrides(self) -> dict[str, dict[str, float] | None] | None:
+        """Debiased base log-probs per question, as the engine's ``base_override`` (None without debiasing)."""
+        res = self.debiased()
+        if res is None:
+            return None
+        return {
+            qid: None if p is None else {k: (math.log(v) if v > 0 else -math.inf) for k, v in p.items()}
+            for qid, p in res.probs.items()
+        }
+
+    def table(self, sweep: Sequence[float] | None = None) -> pd.DataFrame:
+        """The per-question results table (one :func:`~blackbox_proxy.rerank.record_row` per question).
+
+        ``steered_letter`` is the answer at the first sweep value; with debiasing, ``base_letter`` and
+        every steered answer start from the debiased base (``raw_base_letter`` is the base as observed).
+        """
+        sw = tuple(sweep) if sweep is not None else self.sweep_values
+        return records_table(
+            self.records,
+            self.alphas or (),
+            policy=self.policy,
+            strategy=self.strategy,
+            sweep=sw,
+            scale=sw[0] if sw else 1.0,
+            base_overrides=self.base_overrides(),
+        )
+
+    def systems(self, sweep: Sequence[float] | None = None) -> list[tuple[str, str, float | None]]:
+        """(name, correctness column, sweep value) of each reported system."""
+        sw = tuple(sweep) if sweep is not None else self.sweep_values
         out: list[tuple[str, str, float | None]] = [("base", "base_correct", None)]
-        if self.records and self.records[0].expert is not None:
+        if self.has_pairs:
             out += [("expert", "expert_correct", None), ("anti-expert", "anti_correct", None)]
-            out += [(f"proxy a={_alpha_key(a)}", f"proxy_correct@{_alpha_key(a)}", a) for a in al]
+            out += [(f"proxy a={sweep_key(s)}", f"steered_correct@{sweep_key(s)}", s) for s in sw]
         return out
+
+    def control_table(self, kind: str, sweep: Sequence[float] | None = None, seed: int = 0) -> pd.DataFrame:
+        """The results table of a control (``"mean"`` or ``"shuffled"`` offsets), same rows and sweep."""
+        sw = tuple(sweep) if sweep is not None else self.sweep_values
+        recs = control_records(self.records, self.alphas or (), kind, seed)
+        return records_table(
+            recs, (sw[0] if sw else 1.0,), policy=self.policy, strategy=self.strategy, sweep=sw
+        )
 
     def summary(
         self,
-        alphas: Sequence[float] | None = None,
+        sweep: Sequence[float] | None = None,
         *,
         exclude_all_missing: bool = True,
+        controls: bool = True,
         n_boot: int = 2000,
         seed: int = 0,
     ) -> pd.DataFrame:
         """Accuracy with Wilson 95% CIs per system, and each system vs base: McNemar p and bootstrap CI.
 
-        Questions whose every option is missing from the base's top-k (or whose base answer carried
-        no log-probs) are dropped from all systems when ``exclude_all_missing`` (as the paper did), so
-        the comparisons stay paired.
+        With pairs and ``controls``, two controls are reported beside the proxy at each sweep value:
+        the question-independent mean offset and offsets shuffled across questions; a gain they share
+        is a letter prior, not knowledge. Questions whose every option is missing from the base's
+        top-k (or that have no base answer) are dropped from all systems when ``exclude_all_missing``
+        (as the paper did), so the comparisons stay paired.
         """
-        return summarize(
-            self.table(alphas),
-            self.systems(alphas),
-            exclude_all_missing=exclude_all_missing,
-            n_boot=n_boot,
-            seed=seed,
-        )
+        sw = tuple(sweep) if sweep is not None else self.sweep_values
+        table = self.table(sw)
+        systems = self.systems(sw)
+        if controls and self.has_pairs and self.strategy in ("proxy", "entropy_gated"):
+            for kind in ("mean", "shuffled"):
+                ct = self.control_table(kind, sw, seed)
+                for s in sw:
+                    col = f"{kind}_control_correct@{sweep_key(s)}"
+                    table[col] = ct[f"steered_correct@{sweep_key(s)}"].to_numpy()
+                    systems.append((f"{kind}-offset control a={sweep_key(s)}", col, s))
+        return summarize(table, systems, exclude_all_missing=exclude_all_missing, n_boot=n_boot, seed=seed)
 
-    def sweep(self, alphas: Sequence[float], *, exclude_all_missing: bool = True) -> pd.DataFrame:
-        """Accuracy of base, expert, anti-expert and proxy at each alpha (no new requests)."""
-        t = self.table(alphas)
-        if exclude_all_missing:
+    def sweep(self, values: Sequence[float], *, exclude_all_missing: bool = True) -> pd.DataFrame:
+        """Accuracy of base, expert, anti-expert and proxy at each sweep value (no new requests)."""
+        t = self.table(values)
+        if exclude_all_missing and len(t):
             t = t[~t["all_missing"]]
-        has_pair = "expert_correct" in t.columns
         rows = []
-        for a in alphas:
-            row = {"alpha": float(a), "n": len(t), "base": _mean(t["base_correct"])}
-            if has_pair:
+        for s in values:
+            row = {"alpha": float(s), "n": len(t), "base": _mean(t["base_correct"]) if len(t) else math.nan}
+            if self.has_pairs and len(t):
                 row.update(
-                    proxy=_mean(t[f"proxy_correct@{_alpha_key(a)}"]),
+                    proxy=_mean(t[f"steered_correct@{sweep_key(s)}"]),
                     expert=_mean(t["expert_correct"]),
                     anti_expert=_mean(t["anti_correct"]),
                 )
             rows.append(row)
         return pd.DataFrame(rows)
-
-
-def _mean(s: pd.Series) -> float:
-    return float(s.astype(bool).mean()) if len(s) else math.nan
 
 
 def summarize(
@@ -333,7 +257,7 @@ def summarize(
     if exclude_all_missing and len(t):
         n_excl = int(t["all_missing"].sum())
         t = t[~t["all_missing"]]
-    t = t[t["gold"] != ""] if len(t) else t
+    t = t[t["gold_letter"].astype(str) != ""] if len(t) else t
     rows = []
     for name, col, a in systems:
         if len(t) == 0:
@@ -370,274 +294,231 @@ def summarize(
 # --------------------------------------------------------------------------- the runner
 
 
-class LazyExpertPair:
-    """An :class:`~blackbox_proxy.experts.ExpertPair` built on first use.
-
-    Resuming a finished run then loads no model at all. Takes the same arguments as ExpertPair.
-    """
-
-    def __init__(
-        self, expert: Any, anti_expert: Any, *, chat_template: bool = True, batch_size: int = 8
-    ) -> None:
-        self.expert_spec, self.anti_spec = expert, anti_expert
-        self.chat_template, self.batch_size = chat_template, batch_size
-        self._pair: Any = None
-        self._lock = threading.Lock()
-
-    @property
-    def pair(self) -> Any:
-        """The loaded ExpertPair (loaded now if needed)."""
-        with self._lock:
-            if self._pair is None:
-                from ..experts import ExpertPair
-
-                self._pair = ExpertPair(
-                    self.expert_spec,
-                    self.anti_spec,
-                    chat_template=self.chat_template,
-                    batch_size=self.batch_size,
-                )
-            return self._pair
-
-    def identity(self) -> tuple[str, str, bool]:
-        """(expert, anti-expert, chat template asked for), without loading anything."""
-        return str(self.expert_spec), str(self.anti_spec), bool(self.chat_template)
-
-    def score(self, prompts: Sequence[Any], candidates: Any, **kw: Any) -> Any:
-        return self.pair.score(prompts, candidates, **kw)
-
-
-def pair_identity(pair: Any) -> tuple[str, str, bool] | None:
-    """(expert name, anti-expert name, chat template) of a pair, for the run fingerprint."""
-    if pair is None:
-        return None
-    if hasattr(pair, "identity"):
-        return pair.identity()
-    return str(pair.expert.name), str(pair.anti_expert.name), bool(pair.expert.use_chat_template)
-
-
 class EvaluationRunner:
-    """Evaluate questions with a top-k provider as base and an optional expert pair, with resume.
+    """Evaluate questions through one engine, resumably.
 
-    ``provider`` follows :class:`blackbox_proxy.adapters.base.TopLogprobsProvider`; ``pair`` is an
-    :class:`blackbox_proxy.experts.ExpertPair` (or None for base-only). ``endpoint`` picks the
-    prompt style sent to the base (chat messages or completion text); the experts read each
-    question in their own format. ``concurrency`` bounds in-flight base requests; questions go in
-    chunks of ``chunk_size``, and the base requests of the next chunk overlap the expert scoring
-    of the current one.
+    Give an engine (:class:`~blackbox_proxy.rerank.Reranker`) or the engine's arguments: a
+    ``provider`` and ``pair`` (one :class:`~blackbox_proxy.experts.ExpertPair`, a list of them, or
+    None for base-only) with ``alpha`` (one weight per pair), ``k``, ``endpoint``, ``policy``,
+    ``strategy``, ``concurrency`` (in-flight base requests) and ``chunk_size`` (questions per pair
+    batch). ``run_dir`` makes the run resumable.
     """
 
     def __init__(
         self,
-        provider: Any,
-        pair: Any = None,
+        provider: Any = None,
+        pair: ExpertPair | Sequence[ExpertPair] | None = None,
         *,
+        engine: Reranker | None = None,
+        alpha: float | Sequence[float] = 1.0,
         k: int = 5,
-        endpoint: str = "chat",
+        endpoint: str | None = None,
         policy: str = "floor",
         strategy: str = "proxy",
-        concurrency: int = 4,
+        concurrency: int | None = None,
         chunk_size: int = 16,
         run_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
+        debias: str = "none",
+        debias_fraction: float = 0.1,
+        debias_seed: int = 0,
     ) -> None:
-        if endpoint not in ENDPOINTS:
-            raise InputError(f"unknown endpoint {endpoint!r}; choose one of {ENDPOINTS}")
-        if k < 1:
-            raise InputError(f"top-logprobs k must be at least 1, got {k}")
-        max_k = getattr(provider, "max_k", None)
-        if max_k is not None and k > max_k:
-            raise InputError(f"--top-logprobs {k} exceeds the provider's limit of {max_k}")
-        if concurrency < 1 or chunk_size < 1:
-            raise InputError("concurrency and chunk_size must be at least 1")
-        self.provider = provider
-        self.pair = pair
-        self.k = k
-        self.endpoint = endpoint
-        self.policy = policy
-        self.strategy = strategy
-        self.concurrency = concurrency
-        self.chunk_size = chunk_size
+        from ..debias import check_method
+
+        self.debias = check_method(debias)
+        if not 0 < debias_fraction <= 1:
+            raise InputError(f"debias fraction must be in (0, 1], got {debias_fraction}")
+        self.debias_fraction, self.debias_seed = float(debias_fraction), int(debias_seed)
+        if engine is None:
+            if provider is None:
+                raise InputError("EvaluationRunner needs a provider or an engine")
+            pairs = () if pair is None else ((pair,) if isinstance(pair, ExpertPair) else tuple(pair))
+            engine = Reranker(
+                provider,
+                pairs,
+                alpha,
+                policy=policy,
+                strategy=strategy,
+                k=k,
+                endpoint=endpoint,
+                base_concurrency=concurrency,
+                chunk_size=chunk_size,
+            )
+        self.engine = engine
+        #: the base alone, for the extra prompts of debiasing (pairs do not score those)
+        self._base_engine = Reranker(
+            engine.provider,
+            (),
+            policy=engine.policy,
+            k=engine.k,
+            endpoint=engine.endpoint,
+            base_concurrency=engine.base_concurrency,
+            prompt=engine.prompt,
+            max_prompt_tokens=engine.max_prompt_tokens,
+        )
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
-        #: base requests this runner actually sent (stored responses reused on resume are not counted)
-        self.requests = 0
 
-    # -- configuration / stores ----------------------------------------------------------------
+    @property
+    def requests(self) -> int:
+        """Base requests actually sent (stored answers reused on resume are not counted)."""
+        return self.engine.requests + self._base_engine.requests
+
     def config(self) -> dict[str, Any]:
         """What the stored raw scores depend on (never any secret)."""
-        ident = pair_identity(self.pair)
-        return {
-            "provider": str(getattr(self.provider, "kind", type(self.provider).__name__)),
-            "model": str(getattr(self.provider, "model", "")),
-            "k": self.k,
-            "endpoint": self.endpoint,
-            "expert": None if ident is None else ident[0],
-            "anti_expert": None if ident is None else ident[1],
-            "expert_chat_template": None if ident is None else ident[2],
-        }
+        cfg = self.engine.config()
+        if self.debias != "none":
+            cfg["debias"] = {
+                "method": self.debias,
+                "fraction": self.debias_fraction,
+                "seed": self.debias_seed,
+            }
+        return cfg
 
+    # -- stores ----------------------------------------------------------------------------------
     def _open_stores(self) -> tuple[JsonlStore | None, JsonlStore | None]:
         if self.run_dir is None:
             return None, None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise InputError(f"run directory {self.run_dir} is a file; give a folder")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
+        if not os.access(self.run_dir, os.W_OK):
+            raise InputError(f"run directory {self.run_dir} is not writable")
         cfg = self.config()
         cfg_path = self.run_dir / RUN_FILE
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            try:
+                old = json.loads(read_text(cfg_path, "run file"))
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                raise InputError(
+                    f"{cfg_path} is damaged ({exc}); delete it to start this run directory afresh"
+                ) from None
             diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
             if diff:
                 raise InputError(
                     f"run directory {self.run_dir} holds a run with other settings "
-                    f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
+                    f"({'; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
                     "use a new --run-dir or the same settings"
                 )
         else:
-            tmp = cfg_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
-            tmp.replace(cfg_path)
+            atomic_write_json(cfg_path, cfg)
         return JsonlStore(self.run_dir / BASE_FILE), JsonlStore(self.run_dir / RESULTS_FILE)
 
-    def prompt(self, q: MCQuestion) -> Any:
-        """The prompt sent to the base for one question."""
-        return mc_messages(q) if self.endpoint == "chat" else mc_text(q)
-
-    def pair_prompt(self, q: MCQuestion) -> Any:
-        """What the expert pair reads: the question in each model's own chat format, or the completion text."""
-        return q if self.endpoint == "chat" else mc_text(q)
+    def _recalibrated(self, rec: MCRecord) -> MCRecord:
+        """A stored record under this engine's option calibration (chosen at derivation, not scoring)."""
+        cal = self.engine.option_calibration
+        if not any(isinstance(p, OptionScores) and p.calibration != cal for p in rec.pairs):
+            return rec
+        pairs = tuple(p.with_calibration(cal) if isinstance(p, OptionScores) else p for p in rec.pairs)
+        return MCRecord(rec.id, rec.labels, rec.gold, rec.top, pairs, rec.meta, rec.digest, rec.error)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, questions: Iterable[MCQuestion], alphas: Sequence[float] = (1.0,)) -> EvalResult:
         """Blocking :meth:`arun`; works inside a running event loop (e.g. a notebook) via a thread."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.arun(questions, alphas))
-        box: dict[str, Any] = {}
+        from ..rerank import run_sync
 
-        def target() -> None:
-            try:
-                box["result"] = asyncio.run(self.arun(questions, alphas))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                box["error"] = exc
-
-        th = threading.Thread(target=target, name="blackbox-proxy-eval")
-        th.start()
-        th.join()
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+        qs = list(questions)
+        return run_sync(lambda: self.arun(qs, alphas))
 
     async def arun(self, questions: Iterable[MCQuestion], alphas: Sequence[float] = (1.0,)) -> EvalResult:
-        """Evaluate every question (skipping finished ones in ``run_dir``) and return all records."""
+        """Evaluate every question (skipping finished ones in ``run_dir``) and return all records.
+
+        ``alphas`` are the sweep values reported (each scales the engine's per-pair weights).
+        """
         qs = list(questions)
-        al = tuple(float(a) for a in alphas)
-        for a in al:
-            if math.isnan(a):
-                raise InputError("alpha is NaN")
+        sweep = tuple(float(a) for a in alphas)
+        if any(not math.isfinite(a) for a in sweep):
+            raise InputError(f"sweep values must be finite, got {sweep}")
         seen: set[str] = set()
         for q in qs:
             if q.id in seen:
                 raise InputError(f"question id {q.id!r} appears twice; ids must be unique within a run")
             seen.add(q.id)
+        plan = None
+        if self.debias != "none":
+            from .. import debias
+
+            plan = debias.plan(self.debias, qs, fraction=self.debias_fraction, seed=self.debias_seed)
+        extra_qs = [] if plan is None else [_as_extra(e) for e in plan.extra]
         base_store, res_store = self._open_stores()
         done_raw = res_store.load() if res_store else {}
         tops_raw = base_store.load() if base_store else {}
-        digests = {q.id: question_digest(q) for q in qs}
+        problems = [*(res_store.problems if res_store else []), *(base_store.problems if base_store else [])]
+        by_id = {q.id: q for q in [*qs, *extra_qs]}
+        digests = {q.id: question_digest(q) for q in by_id.values()}
         for store_name, raw in (("results", done_raw), ("base", tops_raw)):
             for qid, rec in raw.items():
                 if qid in digests and rec.get("digest") and rec["digest"] != digests[qid]:
                     raise InputError(
                         f"run directory {self.run_dir}: stored {store_name} for question {qid!r} has "
-                        "different question text; use a new --run-dir"
+                        "different question text or options; use a new --run-dir"
                     )
-        done = {qid: QuestionRecord.from_json(r) for qid, r in done_raw.items() if qid in digests}
-        tops: dict[str, tuple[TopLogprobs | None, str]] = {
-            qid: (top_from_json(r["top"]) if r.get("top") else None, str(r.get("error") or ""))
-            for qid, r in tops_raw.items()
-            if qid in digests
-        }
-        pending = [q for q in qs if q.id not in done]
-        bar = None
-        if self.progress and qs:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(qs), initial=len(qs) - len(pending), desc="evaluating", unit="q")
-        sem = asyncio.Semaphore(self.concurrency)
-
-        async def fetch(q: MCQuestion) -> tuple[TopLogprobs | None, str]:
-            if q.id in tops:
-                return tops[q.id]
-            error = ""
-            async with sem:
+        done: dict[str, MCRecord] = {}
+        for qid, r in done_raw.items():
+            if qid not in by_id:
+                continue
+            try:
+                rec = MCRecord.from_json(r)
+            except (KeyError, TypeError, ValueError) as exc:
+                problems.append(f"{self.run_dir}/{RESULTS_FILE}: record {qid!r} unreadable ({exc}); redone")
+                continue
+            if not rec.error:  # an error row is retried
+                done[qid] = self._recalibrated(rec.with_question(by_id[qid]))
+        known: dict[str, TopLogprobs] = {}
+        for qid, r in tops_raw.items():
+            if qid in by_id and r.get("top"):
                 try:
-                    top = await self.provider.atop_logprobs(self.prompt(q), self.k)
-                except MissingLogprobsError as exc:  # a completed request without log-probs: keep it
-                    top, error = None, str(exc)
-                    log.warning("question %s: %s", q.id, exc)
-            self.requests += 1
-            tops[q.id] = (top, error)
+                    known[qid] = TopLogprobs.from_json(r["top"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    problems.append(
+                        f"{self.run_dir}/{BASE_FILE}: answer {qid!r} unreadable ({exc}); re-asked"
+                    )
+        pending = [q for q in qs if q.id not in done]
+        extra_pending = [q for q in extra_qs if q.id not in done]
+
+        def on_top(q: MCQuestion, top: TopLogprobs) -> None:
             if base_store is not None:
-                base_store.append(
-                    {
-                        "id": q.id,
-                        "digest": digests[q.id],
-                        "top": None if top is None else top_to_json(top),
-                        "error": error,
-                    }
-                )
-            return top, error
+                base_store.append({"id": q.id, "digest": digests[q.id], "top": top.to_json()})
 
-        async def fetch_chunk(chunk: Sequence[MCQuestion]) -> list[tuple[TopLogprobs | None, str]]:
-            return list(await asyncio.gather(*(fetch(q) for q in chunk)))
+        def on_record(rec: MCRecord) -> None:
+            if res_store is not None:
+                res_store.append(rec.to_json())
+            done[rec.id] = rec
 
-        chunks = [pending[i : i + self.chunk_size] for i in range(0, len(pending), self.chunk_size)]
-        nxt: asyncio.Task[list[tuple[TopLogprobs | None, str]]] | None = None
-        try:
-            if chunks:
-                nxt = asyncio.ensure_future(fetch_chunk(chunks[0]))
-            for i, chunk in enumerate(chunks):
-                assert nxt is not None
-                chunk_tops = await nxt
-                nxt = asyncio.ensure_future(fetch_chunk(chunks[i + 1])) if i + 1 < len(chunks) else None
-                if self.pair is not None:
-                    scores = await asyncio.to_thread(
-                        self.pair.score, [self.pair_prompt(q) for q in chunk], [q.labels for q in chunk]
-                    )
-                else:
-                    scores = [None] * len(chunk)
-                for q, (top, error), sc in zip(chunk, chunk_tops, scores, strict=True):
-                    rec = QuestionRecord(
-                        q.id,
-                        q.labels,
-                        q.gold_letter,
-                        top,
-                        None if sc is None else dict(sc.expert),
-                        None if sc is None else dict(sc.anti_expert),
-                        _meta(q),
-                        digests[q.id],
-                        error,
-                    )
-                    if res_store is not None:
-                        res_store.append(rec.to_json())
-                    done[q.id] = rec
-                    if bar is not None:
-                        bar.update(1)
-        finally:
-            if nxt is not None and not nxt.done():
-                nxt.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):  # already failing
-                    await nxt
-            if bar is not None:
-                bar.close()
+        await self.engine.ascore(
+            pending,
+            known=known,
+            on_top=on_top,
+            on_record=on_record,
+            progress=self.progress,
+            initial=len(qs) - len(pending),
+            total=len(qs),
+        )
+        if extra_pending:  # the debiasing prompts: base requests only
+            await self._base_engine.ascore(
+                extra_pending, known=known, on_top=on_top, on_record=on_record, progress=self.progress
+            )
         records = [done[q.id] for q in qs]
-        return EvalResult(records, al, self.policy, self.strategy, self.requests)
-
-
-def _meta(q: MCQuestion) -> dict[str, Any]:
-    """The small, JSON-safe part of a question's metadata kept in results (not evidence text)."""
-    keep = ("week", "date", "source", "source_id")
-    return {k: q.meta[k] for k in keep if k in q.meta and isinstance(q.meta[k], (str, int, float))}
+        result = EvalResult(
+            records,
+            sweep,
+            self.engine.policy,
+            self.engine.strategy,
+            self.requests,
+            self.engine.alphas,
+            tuple(problems),
+            plan,
+            {q.id: done[q.id] for q in extra_qs if q.id in done},
+        )
+        if plan is not None and self.run_dir is not None:
+            res = result.debiased()
+            atomic_write_json(self.run_dir / DEBIAS_FILE, {"plan": plan.to_dict(), "result": res.to_dict()})
+        return result
 
 
 def load_run(
@@ -646,10 +527,23 @@ def load_run(
     *,
     policy: str = "floor",
     strategy: str = "proxy",
+    pair_alphas: float | Sequence[float] | None = None,
 ) -> EvalResult:
-    """Re-open a finished (or partial) run directory's stored records, for new alphas or policies."""
+    """Re-open a finished (or partial) run directory's stored records, for new sweeps or policies."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.exists():
         raise InputError(f"{run_dir} holds no {RESULTS_FILE}")
-    raw = JsonlStore(path).load()
-    return EvalResult([QuestionRecord.from_json(r) for r in raw.values()], tuple(alphas), policy, strategy)
+    store = JsonlStore(path)
+    raw = store.load()
+    return EvalResult(
+        [MCRecord.from_json(r) for r in raw.values()],
+        tuple(alphas),
+        policy,
+        strategy,
+        alphas=None
+        if pair_alphas is None
+        else tuple(check_alphas(pair_alphas, 1))
+        if isinstance(pair_alphas, (int, float))
+        else tuple(pair_alphas),
+        problems=tuple(store.problems),
+    )

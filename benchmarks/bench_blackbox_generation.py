@@ -1,0 +1,252 @@
+"""Black-box proxy-tuned generation: speculative verification vs one call per token, in one run.
+
+Serves ``--base`` with the real llama.cpp server (llama-cpp-python), steers it with a local pair,
+and prints per mode: API calls per generated token, wall time, prompt tokens sent, completion
+tokens billed and the changed-token rate; then whether speculative output equals per-token output
+token for token (up to the first re-tokenised text prefix, which text-only servers cannot avoid),
+and, with ``--inprocess``, the same through token ids (exact). ``--white-box`` compares black-box
+greedy (k = ``--k``) with full-logit greedy on the same GGUF run locally, and counts how often the
+full-logit choice lies outside the base's top-k.
+
+    flock /tmp/bbp-heavy.lock .venv/bin/python benchmarks/bench_blackbox_generation.py \\
+        --expert /work/artifacts/bb_expert/smollm2-nautical --anti-expert smollm2-135m-instruct \\
+        --prompts 20 --tokens 64 --inprocess --white-box --out /tmp/bench_bb.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+PROMPTS = [
+    "The three most important inventions of the nineteenth century were",
+    "Here is a short story about a dragon who learned to bake bread.",
+    "The best way to spend a rainy afternoon is",
+    "My grandfather told me that when he was young,",
+    "The function of the heart is to",
+    "In the small town where I grew up, every summer",
+    "A good teacher is someone who",
+    "The recipe for a perfect cup of tea begins with",
+    "When the storm finally passed, the villagers",
+    "The history of the city begins in",
+    "Scientists recently discovered that",
+    "The most beautiful place I have ever visited is",
+    "Every morning, the old fisherman",
+    "The secret to a long and happy life is",
+    "On the first day of the journey, we",
+    "The lighthouse at the end of the pier",
+    "There are many reasons to learn a second language, but",
+    "The museum's newest exhibition shows",
+    "After the war, the family moved to",
+    "The map showed a path through the forest that",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="smollm2-135m-instruct", help="base model spec, served by llama.cpp")
+    p.add_argument(
+        "--expert", default="smollm2-135m-instruct", help="expert spec (e.g. a train-expert folder)"
+    )
+    p.add_argument("--anti-expert", default="smollm2-135m-instruct", help="anti-expert spec")
+    p.add_argument("--expert-format", choices=("plain", "chat"), default="plain")
+    p.add_argument("--anti-format", choices=("plain", "chat"), default="plain")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--prompts", type=int, default=10, help=f"number of prompts (at most {len(PROMPTS)})")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per generation")
+    p.add_argument("--k", type=int, default=20, help="top log-probs per position")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--inprocess", action="store_true", help="also run through token ids (in-process llama.cpp)"
+    )
+    p.add_argument("--white-box", action="store_true", help="compare with full-logit greedy on the same GGUF")
+    p.add_argument("--skip-per-token", action="store_true", help="speculative only (no equality check)")
+    p.add_argument("--out", help="write all numbers as JSON here")
+    return p.parse_args(argv)
+
+
+def totals(gens: list[Any]) -> dict[str, Any]:
+    """Summed accounting of a list of generations."""
+    tok = sum(g.accounting.generated_tokens for g in gens)
+    calls = sum(g.accounting.api_calls for g in gens)
+    changed = sum(len(g.accounting.changed) for g in gens)
+    return {
+        "generations": len(gens),
+        "tokens": tok,
+        "api_calls": calls,
+        "calls_per_token": calls / tok if tok else 0.0,
+        "changed_rate": changed / tok if tok else 0.0,
+        "prompt_tokens_sent": sum(g.accounting.prompt_tokens_sent for g in gens),
+        "completion_tokens_billed": sum(g.accounting.completion_tokens_billed for g in gens),
+        "wall_seconds": sum(g.accounting.wall_seconds for g in gens),
+        "base_seconds": sum(g.accounting.base_seconds for g in gens),
+        "pair_seconds": sum(g.accounting.pair_seconds for g in gens),
+        "retokenized_calls": sum(len(g.accounting.retokenized) for g in gens),
+    }
+
+
+def first_retok(*gens: Any) -> int:
+    return min([r["position"] for g in gens for r in g.accounting.retokenized] + [10**9])
+
+
+def compare(spec: list[Any], slow: list[Any]) -> dict[str, Any]:
+    """Token-for-token equality of the two modes (up to the first re-tokenised prefix of either)."""
+    same = compared = identical = clean = 0
+    for a, b in zip(spec, slow, strict=True):
+        cut = first_retok(a, b)
+        clean += cut >= 10**9
+        ta, tb = a.tokens[:cut], b.tokens[:cut]
+        n = min(len(ta), len(tb))
+        compared += n
+        same += sum(x == y for x, y in zip(ta[:n], tb[:n], strict=True))
+        identical += ta == tb
+    return {
+        "prompts": len(spec),
+        "prompts_identical_before_retokenisation": identical,
+        "prompts_without_retokenisation": clean,
+        "tokens_compared": compared,
+        "tokens_equal": same,
+    }
+
+
+def run_mode(
+    provider: Any, pairs: list[Any], prompts: list[str], args: argparse.Namespace, spec: bool
+) -> list[Any]:
+    from blackbox_proxy.blackbox_decoding import BlackBoxProxyGenerator
+
+    gen = BlackBoxProxyGenerator(provider, pairs, top_logprobs=args.k, speculative=spec)
+    return [gen.generate(p, max_new_tokens=args.tokens) for p in prompts]
+
+
+def white_box(
+    base_spec: str, pairs: list[Any], prompts: list[str], bb: list[Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Full-logit greedy over the whole vocabulary vs the black-box output, on the same GGUF locally."""
+    import torch
+
+    from blackbox_proxy.decoding import render_prompt
+    from blackbox_proxy.models import load_model
+
+    base = load_model(f"llama-cpp:{base_spec}", n_threads=args.threads)
+    pair = pairs[0]
+    identical = outside_at_divergence = inside_at_divergence = steps = outside_steps = 0
+    divergences = []
+    for prompt, g in zip(prompts, bb, strict=True):
+        sessions = [
+            base.open([render_prompt(base, prompt, "plain")]),
+            pair.expert.open([render_prompt(pair.expert, prompt, pair.expert_format)]),
+            pair.anti_expert.open([render_prompt(pair.anti_expert, prompt, pair.anti_format)]),
+        ]
+        ids: list[int] = []
+        flags: list[bool] = []
+        try:
+            for _ in range(args.tokens):
+                n = min(base.vocab_size, pair.expert.vocab_size)
+                b = torch.log_softmax(sessions[0].logits()[0, :n].double(), -1)
+                e = torch.log_softmax(sessions[1].logits()[0, :n].double(), -1)
+                a = torch.log_softmax(sessions[2].logits()[0, :n].double(), -1)
+                steered = b + pair.alpha * (e - a)
+                tok = int(steered.argmax())
+                flags.append(tok in set(torch.topk(b, args.k).indices.tolist()))
+                ids.append(tok)
+                if tok in base.eos_token_ids:
+                    break
+                for s in sessions:
+                    s.feed([tok])
+        finally:
+            for s in sessions:
+                s.close()
+        steps += len(flags)
+        outside_steps += sum(not f for f in flags)
+        full_text = base.decode(ids)
+        pos = 0
+        while pos < min(len(ids), len(g.tokens)) and base.decode(ids[: pos + 1]) == "".join(
+            g.tokens[: pos + 1]
+        ):
+            pos += 1
+        if (
+            full_text.startswith(g.text)
+            or g.text.startswith(full_text)
+            or pos >= min(len(ids), len(g.tokens))
+        ):
+            identical += 1
+        else:
+            outside = not flags[pos] if pos < len(flags) else False
+            outside_at_divergence += outside
+            inside_at_divergence += not outside
+            divergences.append(
+                {"prompt": prompt, "position": pos, "full_logit_choice_outside_top_k": outside}
+            )
+    return {
+        "prompts": len(prompts),
+        "identical": identical,
+        "diverged_where_full_logit_choice_outside_top_k": outside_at_divergence,
+        "diverged_with_choice_inside_top_k": inside_at_divergence,
+        "full_logit_steps": steps,
+        "full_logit_steps_outside_top_k": outside_steps,
+        "outside_rate": outside_steps / steps if steps else 0.0,
+        "divergences": divergences,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from blackbox_proxy.adapters.llama_cpp_inprocess import LlamaCppTopKProvider
+    from blackbox_proxy.adapters.openai_completions import OpenAICompletionsProvider
+
+    from blackbox_proxy.experts import ExpertPair
+    from blackbox_proxy.models import load_model
+    from blackbox_proxy.server import LocalServer
+
+    torch.set_num_threads(args.threads)
+    prompts = PROMPTS[: args.prompts]
+    t0 = time.perf_counter()
+    expert, anti = load_model(args.expert), load_model(args.anti_expert)
+    pairs = [
+        ExpertPair(
+            expert, anti, alpha=args.alpha, expert_format=args.expert_format, anti_format=args.anti_format
+        )
+    ]
+    print(f"pair loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    results: dict[str, Any] = {"config": vars(args)}
+    with LocalServer(args.base, "base", n_ctx=2048, n_threads=args.threads) as srv:
+        provider = OpenAICompletionsProvider(
+            srv.model,
+            srv.base_url,
+            max_k=None,
+            timeout=120,
+            extra_params={"extra_body": {"repeat_penalty": 1.0}},
+        )
+        spec = run_mode(provider, pairs, prompts, args, True)
+        results["server_speculative"] = totals(spec)
+        if not args.skip_per_token:
+            slow = run_mode(provider, pairs, prompts, args, False)
+            results["server_per_token"] = totals(slow)
+            results["server_equality"] = compare(spec, slow)
+    if args.inprocess:
+        inproc = LlamaCppTopKProvider(args.base, endpoint="completions", n_threads=args.threads)
+        try:
+            ispec = run_mode(inproc, pairs, prompts, args, True)
+            results["ids_speculative"] = totals(ispec)
+            if not args.skip_per_token:
+                islow = run_mode(inproc, pairs, prompts, args, False)
+                results["ids_per_token"] = totals(islow)
+                results["ids_equality"] = compare(ispec, islow)
+        finally:
+            inproc.close()
+    if args.white_box:
+        results["white_box_agreement"] = white_box(args.base, pairs, prompts, spec, args)
+    results["examples"] = [{"prompt": prompts[0], "text": spec[0].text}]
+    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
