@@ -96,6 +96,8 @@ def openai_provider_kwargs(options: Any) -> dict[str, Any]:
         "base_url": options.resolved_base_url(),
         "api_key": options.api_key(),
         "timeout": options.timeout,
+        "late_wait": getattr(options, "late_wait", None),  # None: the transport's defaults
+        "deadline": getattr(options, "deadline", None),
         "max_retries": options.max_retries,
         "max_concurrency": options.max_concurrency,
         "cache": options.cache,

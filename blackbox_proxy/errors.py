@@ -73,6 +73,11 @@ class FatalProviderError(ProviderError):
     server, a server that never returns log-probs. Stop the run and say so in one line."""
 
 
+class LogprobsUnsupportedError(FatalProviderError, MissingLogprobsError):
+    """The server answered every attempt without the log-probs asked for and has never returned any:
+    it or the model does not support them (also a :class:`MissingLogprobsError`)."""
+
+
 class RequestRejectedError(FatalProviderError):
     """The server refused this one request (400, 413, 422, other 4xx): asking again gets the same answer.
 

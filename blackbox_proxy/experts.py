@@ -31,7 +31,7 @@ from .types import MCQuestion
 
 #: What a pair scores per item: completion text, chat messages, or a question (rendered with
 #: :func:`mc_messages` or :func:`mc_text` depending on the model's chat template).
-PromptLike = Union[str, Sequence[Mapping[str, str]], MCQuestion]  # noqa: UP007 - readable alias
+PromptLike = Union[str, Sequence[Mapping[str, str]], MCQuestion, "TemplatedQuestion"]  # noqa: UP007
 #: A model spec (packaged name, GGUF file, folder, hub id, ``llama-cpp:SPEC``) or a loaded model.
 ModelLike = Union[str, "os.PathLike[str]", FullLogitsModel]  # noqa: UP007
 #: How a model reads a prompt while decoding: "plain" text, its "chat" template, or a function
@@ -80,6 +80,14 @@ class PairScores:
 
 
 @dataclass(frozen=True)
+class TemplatedQuestion:
+    """A question to be rendered with a given prompt template, in each model's own format."""
+
+    question: MCQuestion
+    template: Any = None
+
+
+@dataclass(frozen=True)
 class _Variants:
     """How one candidate is found in one tokenizer."""
 
@@ -112,7 +120,10 @@ class CandidateScorer:
     def render(self, prompt: PromptLike) -> list[int]:
         """Token ids of a prompt in this model's own format (chat template when it has one)."""
         if isinstance(prompt, MCQuestion):
-            prompt = mc_messages(prompt) if self.use_chat_template else mc_text(prompt)
+            prompt = TemplatedQuestion(prompt)
+        if isinstance(prompt, TemplatedQuestion):
+            q, t = prompt.question, prompt.template
+            prompt = mc_messages(q, t) if self.use_chat_template else mc_text(q, t)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("empty prompt")
@@ -341,6 +352,25 @@ class ExpertPair:
             "chat_template": self.chat_template,
             "backend": self.backend,
         }
+
+    def digest(self) -> str:
+        """A digest of everything the pair's scores depend on: both models' weights and the settings."""
+        import hashlib
+        import json
+
+        from .models import model_digest
+
+        def one(m: Any) -> str:
+            return model_digest(m) if isinstance(m, (str, os.PathLike)) else f"object:{id(m)}"
+
+        ident = {
+            **self.identity(),
+            "expert_digest": one(self.expert_spec),
+            "anti_digest": one(self.anti_spec),
+            "strict": self.strict_single_token,
+            "load": sorted(self.load_options),
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     @property
     def name(self) -> str:

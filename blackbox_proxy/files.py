@@ -87,6 +87,8 @@ def check_output_path(
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"{what} {p}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"{what} {p}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{what} {p}: folder {parent} is not writable")
     if p.exists() and not os.access(p, os.W_OK):

@@ -327,6 +327,47 @@ def load_causal_lm(spec: str | os.PathLike[str], dtype: Any = None, device: str 
     return model, tok
 
 
+def _memo_sha(path: Path) -> str:
+    """sha256 of a file, remembered by path, size and mtime (a model file is hashed once)."""
+    st = path.stat()
+    key = f"{st.st_size}:{st.st_mtime_ns}"
+    stamp = cache_root() / "digests" / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    if stamp.exists():
+        memo_key, _, digest = stamp.read_text().partition(" ")
+        if memo_key == key and digest:
+            return digest
+    digest = sha256_file(path)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{key} {digest}")
+    return digest
+
+
+def model_digest(spec: str | os.PathLike[str]) -> str:
+    """A digest of a model's weights (what its scores depend on), for keying caches.
+
+    Packaged models: their pinned sha256; GGUF files and local folders: the sha256 of the weight files
+    (hashed once, remembered by size and mtime); hub ids: the id itself.
+    """
+    _, s = split_backend(spec)
+    src = resolve(s)
+    if src.kind == "packaged":
+        return PACKAGED[src.name].sha256
+    if src.kind == "gguf" and src.gguf is not None:
+        return _memo_sha(src.gguf)
+    if src.kind == "dir" and src.path is not None:
+        names = ("config.json", "tokenizer.json", "tokenizer_config.json", "adapter_config.json")
+        files = sorted(
+            f
+            for f in src.path.iterdir()
+            if f.is_file() and (f.suffix in (".safetensors", ".bin", ".model") or f.name in names)
+        )
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0" + _memo_sha(f).encode())
+        return h.hexdigest()
+    return f"hub:{src.spec}"
+
+
 BACKENDS = ("auto", "transformers", "llama-cpp")
 
 _LOADED: dict[tuple[str, str, tuple[tuple[str, Any], ...]], Any] = {}

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .candidates import match_candidates
 from .combine import POLICIES, STRATEGIES, argmax, combine
 from .errors import BlackboxProxyError, InputError, ProviderError
-from .experts import ExpertPair, PairScores
+from .experts import ExpertPair, PairScores, TemplatedQuestion
 from .option_scoring import CALIBRATIONS, DEFAULT_CALIBRATION, SCORING_MODES, OptionScores
-from .prompts import mc_messages, mc_text
+from .prompts import mc_messages, mc_text, resolve_template
 from .types import LETTERS, MCQuestion, SteeredAnswer, TopLogprobs, Usage
 
 if TYPE_CHECKING:
@@ -418,6 +419,8 @@ class Reranker:
         expert_scoring: str = "letters",
         option_calibration: str = DEFAULT_CALIBRATION,
         max_prompt_tokens: int = 32768,
+        score_cache: Any = None,
+        template: Any = None,
     ) -> None:
         if expert_scoring not in SCORING_MODES:
             raise InputError(f"unknown expert scoring {expert_scoring!r}; choose one of {SCORING_MODES}")
@@ -427,6 +430,15 @@ class Reranker:
             )
         self.expert_scoring, self.option_calibration = expert_scoring, option_calibration
         self.max_prompt_tokens = int(max_prompt_tokens)
+        #: the prompt template of base and pairs (:mod:`blackbox_proxy.prompts`: a name, file or object)
+        self.template = resolve_template(template)
+        if isinstance(score_cache, (str, os.PathLike)):
+            from .cache import ResponseCache
+
+            score_cache = ResponseCache(score_cache)
+        #: on-disk cache of pair scores (a :class:`~blackbox_proxy.cache.ResponseCache`), or None
+        self.score_cache = score_cache
+        self._digests: dict[int, str] = {}
         self.provider = provider
         self.pairs: tuple[ExpertPair, ...] = (pairs,) if isinstance(pairs, ExpertPair) else tuple(pairs)
         self.alphas = check_alphas(alpha, len(self.pairs))
@@ -467,7 +479,9 @@ class Reranker:
             "model": str(self.provider.model),
             "k": self.k,
             "endpoint": self.endpoint,
-            "prompt": "default" if self.prompt is None else getattr(self.prompt, "__name__", "custom"),
+            "prompt": self.template.to_dict()
+            if self.prompt is None
+            else getattr(self.prompt, "__name__", "custom"),
             "pairs": [p.identity() for p in self.pairs],
             "expert_scoring": self.expert_scoring,
         }
@@ -477,27 +491,60 @@ class Reranker:
         """What the base model is sent for ``q``."""
         if self.prompt is not None:
             return self.prompt(q)
-        return mc_messages(q) if self.endpoint == "chat" else mc_text(q)
+        return mc_messages(q, self.template) if self.endpoint == "chat" else mc_text(q, self.template)
 
     def pair_prompt(self, q: MCQuestion) -> Prompt | MCQuestion:
         """What the expert pairs read: the base's prompt (chat messages go through each model's own
         chat template), or the question itself on chat with the default template."""
         if self.prompt is not None:
             return self.prompt(q)
-        return q if self.endpoint == "chat" else mc_text(q)
+        return TemplatedQuestion(q, self.template) if self.endpoint == "chat" else mc_text(q, self.template)
 
     # -- scoring -------------------------------------------------------------------------------
-    def score_pairs(self, questions: Sequence[MCQuestion], progress: bool = False) -> list[list[Scores]]:
-        """Per question, the scores of every pair (batched within each pair)."""
+    def _score_one_pair(self, pair: ExpertPair, questions: Sequence[MCQuestion]) -> list[Scores]:
         if self.expert_scoring == "options":
-            per = [pair.score_options(questions, calibration=self.option_calibration) for pair in self.pairs]
-            return [[scores[i] for scores in per] for i in range(len(questions))]
-        per_pair = [
-            pair.score(
-                [self.pair_prompt(q) for q in questions], [q.labels for q in questions], progress=progress
-            )
-            for pair in self.pairs
-        ]
+            return pair.score_options(questions, calibration=self.option_calibration)
+        return pair.score([self.pair_prompt(q) for q in questions], [q.labels for q in questions])
+
+    def _cache_key(self, pair_digest: str, q: MCQuestion) -> str:
+        """What a pair's scores of ``q`` depend on: the models, the mode and the rendered prompt."""
+        prompt: Any = self.pair_prompt(q)
+        if self.expert_scoring == "options":
+            from .option_scoring import CONTENT_FREE, cloze_prompt, option_text
+
+            prompt = {
+                "cloze": cloze_prompt(q),
+                "options": [option_text(c) for c in q.choices],
+                "cf": CONTENT_FREE,
+            }
+        elif isinstance(prompt, TemplatedQuestion):  # each model renders it in its own format: key by both
+            prompt = {"chat": mc_messages(q, self.template), "text": mc_text(q, self.template)}
+        what = {"pair": pair_digest, "mode": self.expert_scoring, "prompt": prompt, "labels": list(q.labels)}
+        text = json.dumps(what, sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def score_pairs(self, questions: Sequence[MCQuestion], progress: bool = False) -> list[list[Scores]]:
+        """Per question, the scores of every pair (batched within each pair; cached on disk when a
+        ``score_cache`` is given, keyed by the models' digests and the rendered prompt)."""
+        per_pair: list[list[Scores]] = []
+        for pair in self.pairs:
+            if self.score_cache is None:
+                per_pair.append(self._score_one_pair(pair, questions))
+                continue
+            if id(pair) not in self._digests:
+                self._digests[id(pair)] = pair.digest()
+            keys = [self._cache_key(self._digests[id(pair)], q) for q in questions]
+            got: list[Scores | None] = []
+            for key in keys:
+                hit = self.score_cache.get(key)
+                got.append(None if hit is None else scores_from_json(hit))
+            todo = [i for i, g in enumerate(got) if g is None]
+            if todo:
+                fresh = self._score_one_pair(pair, [questions[i] for i in todo])
+                for i, sc in zip(todo, fresh, strict=True):
+                    self.score_cache.put(keys[i], sc.to_json(), endpoint="expert-scores", model=pair.name)
+                    got[i] = sc
+            per_pair.append([g for g in got if g is not None])
         return [[scores[i] for scores in per_pair] for i in range(len(questions))]
 
     def _score_chunk(self, qs: Sequence[MCQuestion]) -> list[list[Scores] | BlackboxProxyError]:

@@ -59,6 +59,7 @@ from .errors import (
     BlackboxProxyError,
     FatalProviderError,
     InputError,
+    LogprobsUnsupportedError,
     MalformedResponseError,
     MissingLogprobsError,
     ProviderError,
@@ -702,7 +703,7 @@ class Transport:
         elif reason == MISSING_LOGPROBS:
             every = call is not None and call.reasons and all(r == MISSING_LOGPROBS for r in call.reasons)
             if every and not self._ever_usable:
-                cls, reason = FatalProviderError, NO_LOGPROBS
+                cls, reason = LogprobsUnsupportedError, NO_LOGPROBS
                 msg = (
                     f"{where} answered {attempts} time{'s' if attempts != 1 else ''} without the log-probs "
                     f"asked for and never with them ({exc}): does this server or model return log-probs?"

@@ -115,3 +115,30 @@ def test_debias_methods_through_mc(method: str, extra: int | None, biased: Any, 
     )
     assert biased[-1].calls == 0 and before == calls
     assert pd.read_csv(out, keep_default_na=False)["base_letter"].tolist() == df["base_letter"].tolist()
+
+
+def test_prompt_template_file_reaches_the_base(biased: Any, tmp_path: Path, capsys: Any) -> None:
+    """`--prompt-template FILE` with named placeholders is what the base is sent; a bad file is one line."""
+    tpl = tmp_path / "mine.txt"
+    tpl.write_text("Quiz item: {question}\n{options}\nPick one of {letters}.", encoding="utf-8")
+    seen: list[str] = []
+    real = BiasedBase.top_logprobs
+
+    def spy(self: BiasedBase, prompt: Any, k: int) -> TopLogprobs:
+        seen.append(prompt[-1]["content"])
+        return real(self, prompt, k)
+
+    BiasedBase.top_logprobs = spy  # type: ignore[method-assign]
+    try:
+        out = tmp_path / "r.csv"
+        argv = ["mc", str(_questions(tmp_path, 4)), "--provider", "test-biased", "--model", "m", "-q"]
+        assert main([*argv, "--prompt-template", str(tpl), "--out", str(out)]) == 0
+    finally:
+        BiasedBase.top_logprobs = real  # type: ignore[method-assign]
+    assert len(seen) == 4 and all(s.startswith("Quiz item: Question ") for s in seen)
+    assert "Pick one of A, B, C or D." in seen[0] and "\nA. " in seen[0]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Quiz: {question} {optoins}", encoding="utf-8")
+    assert main([*argv, "--prompt-template", str(bad), "--out", str(tmp_path / "b.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "optoins" in err and "Traceback" not in err

@@ -17,6 +17,7 @@ from fault_http import FaultServer, Reply, chat_body, completion_body
 from blackbox_proxy.errors import (
     FatalProviderError,
     InputError,
+    LogprobsUnsupportedError,
     MissingLogprobsError,
     ProviderError,
     RequestRejectedError,
@@ -120,9 +121,10 @@ def test_logprobs_missing_through_every_retry_is_transient_once_the_server_gave_
 
 def test_a_server_that_never_returns_logprobs_is_fatal(fault_server: FaultServer) -> None:
     fault_server.default = Reply(body=chat_body(logprobs_null=True))
-    with pytest.raises(FatalProviderError, match="never with them.*support log-probs") as info:
+    with pytest.raises(LogprobsUnsupportedError, match="never with them.*support log-probs") as info:
         chat(fault_server, max_retries=2).top_logprobs("q", 3)
     assert info.value.reason == "no-logprobs" and fault_server.count == 3
+    assert isinstance(info.value, FatalProviderError) and isinstance(info.value, MissingLogprobsError)
 
 
 def test_positive_or_missing_logprob_values_are_rejected(fault_server: FaultServer) -> None:

@@ -134,6 +134,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="top log-probs the base reveals (default 10)",
     )
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat", help="default chat")
+    p.add_argument("--prompt-template", metavar="NAME|FILE", help="multiple-choice prompt template")
     p.add_argument(
         "--missing", choices=POLICIES, default="floor", help="missing-option policy (default floor)"
     )

@@ -38,9 +38,12 @@ def check_outputs(args: argparse.Namespace, inputs: Sequence[str | os.PathLike[s
         path = getattr(args, flag, None)
         if not path:
             continue
+        what = f"--{flag.replace('_', '-')}"
+        if Path(path).is_dir():
+            raise InputError(f"{what} {path} is a directory; give a .csv or .parquet file name")
         if Path(path).suffix.lower() not in TABLE_EXTS:
-            raise InputError(f"--{flag.replace('_', '-')} {path}: use a .csv or .parquet file")
-        check_output_path(path, inputs=inputs, what=f"--{flag.replace('_', '-')}")
+            raise InputError(f"{what} {path}: use a .csv or .parquet file")
+        check_output_path(path, inputs=inputs, what=what)
 
 
 @dataclass

@@ -110,6 +110,12 @@ def add_provider_args(p: argparse.ArgumentParser | Any) -> None:
     )
     g.add_argument("--endpoint", choices=("chat", "completions"), default="chat", help="default chat")
     g.add_argument(
+        "--prompt-template",
+        metavar="NAME|FILE",
+        help="the multiple-choice prompt of base and pairs: a built-in name or a template file with named "
+        "placeholders ({question}, {options}, {letters}...; see README); default: the measured default",
+    )
+    g.add_argument(
         "--top-logprobs",
         type=positive_int,
         default=5,
@@ -178,6 +184,14 @@ def add_pair_args(p: argparse.ArgumentParser | Any, *, required: bool = False) -
     g.add_argument(
         "--batch-size", type=positive_int, default=8, help="questions per expert forward pass (default 8)"
     )
+    g.add_argument(
+        "--score-cache",
+        metavar="FILE",
+        help="SQLite cache of expert-pair scores, keyed by the models' weight digests and the rendered "
+        "prompt, so re-runs, sweeps and new debias methods never rescore (default: "
+        "$BLACKBOX_PROXY_CACHE/expert-scores.sqlite; --no-score-cache turns it off)",
+    )
+    g.add_argument("--no-score-cache", action="store_true", help="score every question afresh")
     g.add_argument(
         "--chunk-size",
         type=positive_int,
@@ -351,4 +365,20 @@ def build_engine(args: argparse.Namespace, provider: Any = None, pairs: list[Any
         chunk_size=getattr(args, "chunk_size", None),
         expert_scoring=getattr(args, "expert_scoring", "letters"),
         option_calibration=getattr(args, "option_calibration", DEFAULT_CALIBRATION),
+        score_cache=score_cache_path(args) if pairs else None,
+        template=getattr(args, "prompt_template", None),
     )
+
+
+def score_cache_path(args: argparse.Namespace) -> str | None:
+    """``--score-cache``, else the default file in the product's cache folder (None with --no-score-cache)."""
+    from ..models import cache_root
+
+    if getattr(args, "no_score_cache", False):
+        return None
+    path = getattr(args, "score_cache", None)
+    if path:
+        return str(path)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root / "expert-scores.sqlite")

@@ -355,6 +355,7 @@ class EvaluationRunner:
             base_concurrency=engine.base_concurrency,
             prompt=engine.prompt,
             max_prompt_tokens=engine.max_prompt_tokens,
+            template=engine.template,
         )
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
