@@ -65,6 +65,9 @@ class LlamaCppTopKProvider:
             verbose=False,
         )
         self._lock = threading.Lock()
+        #: tokens in the context that were evaluated one per decode by continue_prefix
+        self._single_ids: list[int] = []
+        self._single_ok = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, endpoint={self.endpoint!r})"
@@ -76,6 +79,7 @@ class LlamaCppTopKProvider:
         with self._lock:
             if self._llm is None:
                 raise ProviderError(f"{where} was closed; create a new provider")
+            self._single_ok = False  # create_* re-evaluates the context its own way
             if self.endpoint == "chat":
                 body = self._llm.create_chat_completion(
                     messages=to_messages(prompt), max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=k
@@ -126,7 +130,10 @@ class LlamaCppTopKProvider:
         """``n`` greedy tokens after the raw ``prefix`` (text or token ids), each with its top-k and ids.
 
         Like a Completions server: temperature 0, no repetition penalty; an end-of-text token ends
-        the block (finish_reason "stop") and is not returned as a position.
+        the block (finish_reason "stop") and is not returned as a position. Every token is evaluated
+        on its own (one llama_decode per token) and the KV cache is reused only for tokens evaluated
+        that way, so a position's log-probs depend on its prefix alone, not on how earlier calls
+        split the text into requests (llama.cpp's numbers move with batch shape otherwise).
         """
         import llama_cpp
         import numpy as np
@@ -145,30 +152,32 @@ class LlamaCppTopKProvider:
             )
             if len(ids) + n > llm.n_ctx():
                 raise InputError(f"prefix of {len(ids)} tokens + {n} new exceeds n_ctx={llm.n_ctx()}")
+            self._evaluate(llm, ids)
             positions: list[TopLogprobs] = []
             out: list[int] = []
             finish = "length"
             vocab = llm._model.vocab
-            for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            while True:
                 row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
                 m = row.max()
                 logp = row - (m + np.log(np.exp(row - m).sum()))
                 top = np.argpartition(-logp, min(k, len(logp) - 1))[:k]
-                top = top[np.argsort(-logp[top], kind="stable")]
+                top = top[np.lexsort((top, -logp[top]))]  # by log-prob, ties by id
+                token = int(top[0])
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
                 prev = ids + out
 
                 def text(t: int, prev: list[int] = prev) -> str:
                     return llm.detokenize([int(t)], prev_tokens=prev).decode("utf-8", errors="replace")
 
                 entries = tuple(TokenLogprob(text(t), min(float(logp[t]), 0.0), id=int(t)) for t in top)
-                chosen = TokenLogprob(text(token), min(float(logp[token]), 0.0), id=int(token))
-                positions.append(TopLogprobs(entries, k, chosen, self.model, self.kind))
-                out.append(int(token))
+                positions.append(TopLogprobs(entries, k, entries[0], self.model, self.kind))
+                out.append(token)
                 if len(out) >= n:
                     break
+                self._evaluate(llm, ids + out)
             body_text = llm.detokenize(out, prev_tokens=ids).decode("utf-8", errors="replace")
         usage = Usage(len(ids), len(out))
         return Continuation(
@@ -182,6 +191,20 @@ class LlamaCppTopKProvider:
             self.kind,
             not isinstance(prefix, str),
         )
+
+    def _evaluate(self, llm: Any, ids: Sequence[int]) -> None:
+        """Bring the context to exactly ``ids``, one token per decode, reusing what was evaluated so."""
+        done = self._single_ids if self._single_ok else []
+        common = 0
+        for a, b in zip(done, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        llm.n_tokens = common  # the last kept token's logits stay in llm.scores (logits_all)
+        for t in ids[common:]:
+            llm.eval([int(t)])
+        self._single_ids = list(ids)
+        self._single_ok = True
 
     async def acontinue_prefix(
         self, prefix: str | Sequence[int], n: int, k: int = 5, *, messages: Prompt | None = None

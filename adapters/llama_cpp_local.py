@@ -22,7 +22,11 @@ KIND = "llama-cpp"
 class LlamaCppSession:
     """KV-cached decoding of one batch: row i is llama.cpp sequence i of a fresh context."""
 
-    def __init__(self, owner: LlamaCppModel, prompts: Sequence[Sequence[int]], keep: int = 1) -> None:
+    def __init__(
+        self, owner: LlamaCppModel, prompts: Sequence[Sequence[int]], keep: int = 1, *, compact: bool = False
+    ) -> None:
+        """``compact``: one unified KV buffer just large enough for the prompts (one-shot scoring, no
+        feeding), instead of an ``n_ctx`` stream per row."""
         import llama_cpp
         from llama_cpp import _internals
 
@@ -31,8 +35,12 @@ class LlamaCppSession:
         self.batch_size = len(prompts)
         params = llama_cpp.llama_context_default_params()
         params.n_seq_max = self.batch_size
-        params.n_ctx = owner.n_ctx * self.batch_size  # each row gets its own n_ctx-sized stream
-        params.kv_unified = False
+        if compact:  # scoring only: the rows share one buffer sized to their tokens
+            params.n_ctx = -(-sum(len(p) for p in prompts) // 256) * 256 + 256
+            params.kv_unified = True
+        else:
+            params.n_ctx = owner.n_ctx * self.batch_size  # each row gets its own n_ctx-sized stream
+            params.kv_unified = False
         params.n_batch = owner.n_batch
         params.n_ubatch = owner.n_batch
         params.n_threads = owner.n_threads
@@ -252,7 +260,7 @@ class LlamaCppModel:
             raise InputError(f"logprobs() needs non-empty sequences (model {self.name!r})")
         if keep < 1 or keep > min(len(s) for s in seqs):
             raise InputError(f"keep={keep} must be between 1 and the shortest sequence")
-        with LlamaCppSession(self, seqs, keep=keep) as session:
+        with LlamaCppSession(self, seqs, keep=keep, compact=True) as session:
             rows = session.logits()  # [batch * keep, vocab], row-major by sequence
         return torch.log_softmax(rows.view(len(seqs), keep, -1), dim=-1)
 

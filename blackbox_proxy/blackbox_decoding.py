@@ -59,6 +59,7 @@ __all__ = [
     "BlackBoxGeneration",
     "BlackBoxProxyGenerator",
     "ChangedToken",
+    "StepTrace",
     "speculative_sample",
     "steered_distribution",
 ]
@@ -82,6 +83,19 @@ class ChangedToken:
     steered_token_base_logprob: float
     #: the summed pair offset of the chosen token minus that of the base's token
     offset_gain: float
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One emitted position (``analysis=True``): the base's token, the choice, and how close it was."""
+
+    position: int
+    base_token: str
+    chosen: str
+    base_logprob: float
+    #: steered score of the best candidate minus the second best (how robust the choice is)
+    margin: float
+    n_candidates: int
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,8 @@ class BlackBoxGeneration:
     finish_reason: Literal["eos", "stop", "length"]
     alphas: tuple[float, ...]
     accounting: BlackBoxAccounting
+    #: per-position trace, with GenerationConfig(analysis=True)
+    trace: tuple[StepTrace, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict (one DataFrame row) with the main accounting numbers."""
@@ -424,6 +440,7 @@ class _State:
     accepted: list[int] = field(default_factory=list)
     retokenized: list[dict[str, int]] = field(default_factory=list)
     not_top1: int = 0
+    trace: list[StepTrace] = field(default_factory=list)
     base_s: float = 0.0
     pair_s: float = 0.0
 
@@ -579,6 +596,10 @@ class _Run:
         if base[chosen] < max(base.values()) - 1e-9:
             self.state.not_top1 += 1
         steered = {c: lp + offsets.get(c, 0.0) for c, lp in base.items()}
+        if self.cfg.analysis:
+            top2 = sorted(steered.values(), reverse=True)[:2]
+            margin = top2[0] - top2[1] if len(top2) == 2 else math.inf
+            self._last_trace = (own, base[own], margin, len(steered))
         if self.cfg.greedy:
             best = max(steered.values())
             if steered[chosen] >= best:  # ties keep the base's own token (identity at alpha = 0)
@@ -598,6 +619,9 @@ class _Run:
                 f"{len(st.texts)}; a text prefix cannot re-send it: use a provider that continues from "
                 "token ids (in-process llama.cpp)"
             )
+        if self.cfg.analysis:
+            own, lp, margin, n_c = self._last_trace
+            st.trace.append(StepTrace(len(st.texts), own, text, lp, margin, n_c))
         st.texts.append(text)
         st.ids.append(tid)
         if self.base_ids is not None:
@@ -713,6 +737,7 @@ class _Run:
             finish_reason=(st.finish or "length"),  # type: ignore[arg-type]
             alphas=self.alphas,
             accounting=acct,
+            trace=tuple(st.trace) if self.cfg.analysis else None,
         )
 
 

@@ -74,7 +74,8 @@ def iter_jsonl(
 def check_output_path(
     path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = (), what: str = "--out"
 ) -> Path:
-    """Refuse an output path before any work: a folder, an input file, or a place that cannot be written."""
+    """Check an output path before any work: refuse a folder, an input file, or a place that cannot be
+    written; create missing parent folders."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{what} {p} is a directory; give a file name")
@@ -86,7 +87,10 @@ def check_output_path(
             raise InputError(f"{what} {p} is also an input file; refusing to overwrite it")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
-        raise InputError(f"{what} {p}: folder {parent} does not exist")
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise InputError(f"{what} {p}: cannot create folder {parent} ({exc.strerror or exc})") from None
     if not parent.is_dir():
         raise InputError(f"{what} {p}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):

@@ -32,8 +32,14 @@ if TYPE_CHECKING:
     from .experts import CandidateScorer, ExpertPair
 
 SCORING_MODES = ("letters", "options")
-CALIBRATIONS = ("sum", "mean", "pmi", "pmi-mean")
+#: the raw calibrations; each also exists gated (``NAME-gated``, see :func:`gate`)
+BASE_CALIBRATIONS = ("sum", "mean", "pmi", "pmi-mean")
+CALIBRATIONS = (*BASE_CALIBRATIONS, *(f"{c}-gated" for c in BASE_CALIBRATIONS))
 DEFAULT_CALIBRATION = "pmi-mean"
+#: the gate: the offset is scaled by clip((TV - GATE_LOW) / (GATE_HIGH - GATE_LOW), 0, 1), TV the
+#: total-variation distance between the expert's and the anti-expert's option distributions
+GATE_LOW = 0.2
+GATE_HIGH = 0.5
 #: the cloze rendering of a question for option scoring; ``{question}`` is the question text
 CLOZE_TEMPLATE = "Question: {question}\nAnswer:"
 #: the content-free context of the ``pmi`` calibrations
@@ -67,18 +73,45 @@ class OptionScores:
         if self.calibration.startswith("pmi") and (not self.expert_cf or not self.anti_cf):
             raise InputError("the pmi calibrations need the content-free scores")
 
+    @property
+    def base_calibration(self) -> str:
+        """The calibration without its gate."""
+        return self.calibration.removesuffix("-gated")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the offset is gated by the expert-vs-anti disagreement."""
+        return self.calibration.endswith("-gated")
+
     def _calibrated(self, raw: Mapping[str, float], cf: Mapping[str, float]) -> dict[str, float]:
+        cal = self.base_calibration
         out = {}
         for lab, v in raw.items():
-            x = v - cf[lab] if self.calibration.startswith("pmi") else v
-            if self.calibration.endswith("mean"):
+            x = v - cf[lab] if cal.startswith("pmi") else v
+            if cal.endswith("mean"):
                 x /= max(1, self.n_tokens[lab])
             out[lab] = x
         return out
 
+    def gate(self) -> float:
+        """The weight in [0, 1] the offset gets (1 when ungated)."""
+        if not self.gated:
+            return 1.0
+        e, a = self._calibrated(self.expert, self.expert_cf), self._calibrated(self.anti_expert, self.anti_cf)
+        return gate_weight(disagreement(e, a))
+
     def as_pair(self) -> tuple[dict[str, float], dict[str, float]]:
-        """(expert, anti_expert) scores under the calibration, the shape ``combine`` takes."""
-        return self._calibrated(self.expert, self.expert_cf), self._calibrated(self.anti_expert, self.anti_cf)
+        """(expert, anti_expert) scores under the calibration, the shape ``combine`` takes.
+
+        Gated: the expert's scores stay its own (so its own answer is unchanged) and the anti-expert's
+        become ``e - g * (e - a)``, so the offset ``e - a`` is scaled by the gate ``g``.
+        """
+        e = self._calibrated(self.expert, self.expert_cf)
+        a = self._calibrated(self.anti_expert, self.anti_cf)
+        if not self.gated:
+            return e, a
+        g = gate_weight(disagreement(e, a))
+        return e, {k: e[k] - g * (e[k] - a[k]) for k in e}
 
     def offsets(self, alpha: float = 1.0) -> dict[str, float]:
         e, a = self.as_pair()
@@ -110,10 +143,32 @@ class OptionScores:
         )
 
 
+def _softmax(x: Mapping[str, float]) -> dict[str, float]:
+    m = max(x.values())
+    z = sum(math.exp(v - m) for v in x.values())
+    return {k: math.exp(v - m) / z for k, v in x.items()}
+
+
+def disagreement(expert: Mapping[str, float], anti: Mapping[str, float]) -> float:
+    """Total-variation distance between the two option distributions (softmax over the options)."""
+    pe, pa = _softmax(expert), _softmax(anti)
+    return 0.5 * sum(abs(pe[k] - pa[k]) for k in pe)
+
+
+def gate_weight(tv: float, low: float = GATE_LOW, high: float = GATE_HIGH) -> float:
+    """0 below ``low``, 1 above ``high``, linear between: a diffuse offset moves nothing."""
+    if high <= low:
+        return 1.0 if tv >= high else 0.0
+    return min(1.0, max(0.0, (tv - low) / (high - low)))
+
+
 def check_shared_tokenizer(pair: ExpertPair) -> None:
     """Option scoring compares token log-probs of the same strings: both models need one tokenizer."""
     if pair.same_models():
         return
+    own = getattr(pair, "check_shared_tokenizer", None)  # a pair whose models are not in-process
+    if callable(own):
+        return own()
     e, a = pair.expert, pair.anti_expert
     probe = "Question: The capital of Veloria is Quintaro, 1984 km² — naïve café."
     ev, av = e.vocab(), a.vocab()

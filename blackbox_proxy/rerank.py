@@ -265,6 +265,8 @@ def record_row(
         return None if not gold else letter == gold
 
     kw: dict[str, Any] = {"policy": policy, "strategy": strategy, "base_override": base_override}
+    if not rec.pairs:  # a base-only record, or an error row that has no pair scores
+        alphas = ()
     ans = derive(rec, [scale * a for a in alphas], **kw)
     row = ans.to_dict()
     if base_override is not None:
@@ -335,21 +337,20 @@ def records_table(
 ) -> pd.DataFrame:
     """The results table of many records: one :func:`record_row` per question, in order.
 
-    ``base_overrides`` maps a question id to replacement base log-probs (debiasing).
+    ``base_overrides`` maps a question id to replacement base log-probs (debiasing). A question whose
+    answer cannot be derived (policy ``error`` and an option missing) becomes an error row.
     """
     import pandas as pd
 
     rows = []
     for r in records:
         over = (base_overrides or {}).get(r.id)
+        kw = {"policy": policy, "strategy": strategy, "sweep": sweep, "scale": scale, "base_override": over}
         try:
-            rows.append(
-                record_row(
-                    r, alphas, policy=policy, strategy=strategy, sweep=sweep, scale=scale, base_override=over
-                )
-            )
-        except BlackboxProxyError as exc:
-            raise type(exc)(f"question {r.id!r}: {exc}") from None
+            rows.append(record_row(r, alphas, **kw))
+        except BlackboxProxyError as exc:  # e.g. policy 'error' on a missing option: that row only
+            bad = MCRecord(r.id, r.labels, r.gold, None, (), r.meta, r.digest, _error_text(exc))
+            rows.append(record_row(bad, (), **{**kw, "base_override": None}))
     df = pd.DataFrame(rows)
     return df[column_order(list(df.columns))] if len(df.columns) else df
 

@@ -316,13 +316,15 @@ def _positive(name: str, value: object, *, allow_none: bool = False) -> float | 
 class _Call:
     """Book-keeping of one request across its attempts."""
 
-    __slots__ = ("started", "deadline_at", "attempts", "reasons")
+    __slots__ = ("started", "deadline_at", "attempts", "reasons", "limit")
 
     def __init__(self) -> None:
         self.started: float | None = None
         self.deadline_at = math.inf
         self.attempts = 0
         self.reasons: list[str] = []
+        #: the HTTP timeout of the latest attempt
+        self.limit = 0.0
 
 
 class Transport:
@@ -450,16 +452,23 @@ class Transport:
         key = self.cache.key(self.base_url, endpoint, model, params)
         return key, self.cache.get(key)
 
-    def _begin(self, call: _Call) -> float:
-        """Count an attempt and return its HTTP timeout (clamped to what is left of the deadline)."""
+    def _begin(self, call: _Call, queued_since: float) -> float:
+        """Count an attempt and return its HTTP timeout (clamped to what is left of the deadline).
+
+        Time spent waiting for a concurrency slot does not count against the deadline: the
+        request was not in flight.
+        """
         now = time.monotonic()
         if call.started is None:
             call.started = now
             call.deadline_at = now + self.deadline
+        else:
+            call.deadline_at += now - queued_since
         call.attempts += 1
         with self._count_lock:
             self.attempts += 1
-        return max(min(self.timeout + self.late_wait, call.deadline_at - now), 0.05)
+        call.limit = max(min(self.timeout + self.late_wait, call.deadline_at - now), 0.05)
+        return call.limit
 
     def _heard(self) -> None:
         with self._count_lock:
@@ -532,8 +541,9 @@ class Transport:
         call = _Call()
 
         def once() -> dict[str, Any]:
+            queued = time.monotonic()
             with self._sync_sem:
-                seconds = self._begin(call)
+                seconds = self._begin(call, queued)
                 t0 = time.monotonic()
                 try:
                     raw = send(self.client.with_options(timeout=self._timeout(seconds)), dict(params))
@@ -571,8 +581,9 @@ class Transport:
         call = _Call()
 
         async def once() -> dict[str, Any]:
+            queued = time.monotonic()
             async with sem:
-                seconds = self._begin(call)
+                seconds = self._begin(call, queued)
                 t0 = time.monotonic()
                 try:
                     raw = await send(client.with_options(timeout=self._timeout(seconds)), dict(params))
@@ -676,6 +687,12 @@ class Transport:
                     f"server at {self.base_url} has answered nothing for {time.monotonic() - started:.0f} s "
                     f"({tries} at {endpoint}, model {model!r}, each waited up to {hard:g} s): it is hanging "
                     "or overloaded; check it, then run again (finished work is kept)"
+                )
+            elif call is not None and call.limit < 0.9 * hard:
+                msg = (
+                    f"request to {where} used up its {self.deadline:g} s deadline {tries} (the last one had "
+                    f"{call.limit:.1f} s left and got no answer): is the server overloaded? raise "
+                    "deadline= or timeout=, or lower max_concurrency="
                 )
             else:
                 msg = (

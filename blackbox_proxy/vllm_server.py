@@ -17,6 +17,7 @@ through for vLLM to download.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -238,10 +239,8 @@ class VLLMServer:
 
     @staticmethod
     def _kill_group(pgid: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM the server, SIGKILL its process group after ``grace`` seconds; returns its exit code."""

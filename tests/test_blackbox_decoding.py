@@ -38,7 +38,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 NO_PENALTY = {"extra_body": {"repeat_penalty": 1.0}}
 PROMPTS = [
     "The three most important inventions of the nineteenth century were",
-    "Here is a short story about a dragon who learned to bake bread.",
+    "Once upon a time, a dragon who loved to bake bread",
     "def fibonacci(n):",
 ]
 
@@ -281,32 +281,41 @@ def test_per_token_text_prefixes_get_retokenised_and_this_is_reported(
     assert "".join(out.tokens[:cut]) == ref[: len("".join(out.tokens[:cut]))]
 
 
+def divergence(a: Any, b: Any) -> int | None:
+    """The first position where two generations emitted different tokens (None: one extends the other)."""
+    for i, (x, y) in enumerate(zip(a.tokens, b.tokens, strict=False)):
+        if x != y:
+            return i
+    return None
+
+
 @pytest_integration
 def test_speculative_equals_per_token_with_a_pair_that_changes_tokens(
     comp: OpenAICompletionsProvider, inproc: Any, changing_pair: Any
 ) -> None:
-    n = 32
-    changed = calls = 0
-    for provider in (inproc, comp):  # token ids (exact), then text prefixes over HTTP
+    cfg = GenerationConfig(max_new_tokens=32, analysis=True)
+    changed = 0
+    for provider in (inproc, comp):  # token ids and single-token evaluation (exact); text over HTTP
         for prompt in PROMPTS:
-            spec = BlackBoxProxyGenerator(provider, [changing_pair], top_logprobs=8).generate(
-                prompt, max_new_tokens=n
-            )
+            spec = BlackBoxProxyGenerator(provider, [changing_pair], top_logprobs=8).generate(prompt, cfg)
             slow = BlackBoxProxyGenerator(
                 provider, [changing_pair], top_logprobs=8, speculative=False
-            ).generate(prompt, max_new_tokens=n)
+            ).generate(prompt, cfg)
+            assert slow.accounting.api_calls == len(slow.tokens) + (slow.finish_reason == "eos")
+            assert spec.accounting.api_calls < slow.accounting.api_calls / 2
+            changed += len(spec.accounting.changed)
             if provider is inproc:
                 assert spec.accounting.sent_ids and not spec.accounting.retokenized
                 assert spec.token_ids == slow.token_ids and spec.text == slow.text
-            cut = first_retokenized(spec, slow)
-            assert spec.tokens[:cut] == slow.tokens[:cut]
-            assert [c.position for c in spec.accounting.changed if c.position < cut] == [
-                c.position for c in slow.accounting.changed if c.position < cut
-            ]
-            assert slow.accounting.api_calls == len(slow.tokens)
-            changed += len(spec.accounting.changed)
-            calls += spec.accounting.api_calls
-            assert spec.accounting.api_calls < slow.accounting.api_calls
+                assert [(c.position, c.base_token, c.steered_token) for c in spec.accounting.changed] == [
+                    (c.position, c.base_token, c.steered_token) for c in slow.accounting.changed
+                ]
+                continue
+            # llama-cpp-python's server re-tokenises text prefixes, and its numbers move by ~0.01 with
+            # how its prompt cache splits a request: equal up to a re-tokenised prefix or a near-tie
+            i = divergence(spec, slow)
+            if i is not None and i < first_retokenized(spec, slow):
+                assert min(spec.trace[i].margin, slow.trace[i].margin) < 0.1, (prompt, i)
     assert changed >= 6  # the pair really steers
 
 

@@ -82,13 +82,18 @@ def test_output_equal_to_input_is_refused(tmp_path: Path, capsys: Any) -> None:
 
 @pytest.mark.parametrize(
     ("out", "needle"),
-    [("missing/dir/r.csv", "does not exist"), ("r.txt", "use a .csv or .parquet"), (".", "is a directory")],
+    [("r.txt", "use a .csv or .parquet"), (".", "is a directory")],
 )
 def test_unusable_out_is_refused_before_any_work(tmp_path: Path, capsys: Any, out: str, needle: str) -> None:
     q = _write(tmp_path / "q.jsonl", QS)
     assert _rc([*MC, str(q), "--out", str(tmp_path / out)]) == 2
     _one_line(capsys, needle)
     assert not (tmp_path / (out + ".run")).exists()
+
+
+def test_missing_out_folder_is_created_first(tmp_path: Path) -> None:
+    assert _rc([*MC, str(_write(tmp_path / "q.jsonl", QS)), "--out", str(tmp_path / "new" / "dir" / "r.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "new" / "dir" / "r.csv")) == 4
 
 
 def test_out_under_a_file_is_refused(tmp_path: Path, capsys: Any) -> None:
@@ -165,7 +170,8 @@ def test_damaged_run_json_is_one_line(tmp_path: Path, capsys: Any) -> None:
 
 
 def test_sweep_plot_into_a_missing_folder_and_demo_limit(tmp_path: Path, capsys: Any) -> None:
-    assert _rc(["sweep", "--from-run", str(tmp_path), "--plot", str(tmp_path / "no" / "p.png")]) == 2
-    _one_line(capsys, "does not exist")
+    (tmp_path / "file").write_text("x")
+    assert _rc(["sweep", "--from-run", str(tmp_path), "--plot", str(tmp_path / "file" / "p.png")]) == 2
+    _one_line(capsys, "is a file, not a folder")
     assert _rc(["demo", "--limit", "100"]) == 2
     _one_line(capsys, "the shipped sample has 40 questions")

@@ -171,9 +171,13 @@ def test_cli_errors_are_clear(argv: list[str], message: str, capsys: pytest.Capt
 def test_error_policy_names_the_question() -> None:
     from blackbox_proxy.errors import MissingCandidateError
 
-    res = EvalResult([_record("q7")], (1.0,), policy="error")
-    with pytest.raises(MissingCandidateError, match=r"question 'q7'.*\['C'\]"):
-        res.table()
+    res = EvalResult(
+        [_record("q7"), _record("q8", top=_top({"A": -0.5, "B": -1.2, "C": -2.0}, 3))], (1.0,), policy="error"
+    )
+    t = res.table().set_index("id")
+    assert t.loc["q7", "error"].startswith("MissingCandidateError") and "['C']" in t.loc["q7", "error"]
+    assert t.loc["q8", "error"] == "" and t.loc["q8", "base_letter"] == "A"
+    assert MissingCandidateError
 
 
 def test_results_written_as_csv_or_parquet(tmp_path: Path) -> None:

@@ -193,3 +193,39 @@ def test_llama_cpp_backend_matches_transformers_within_quantisation() -> None:
     for a, b in zip(hf, ll, strict=True):
         oa, ob = a.offsets(), b.offsets()
         assert max(oa, key=oa.get) == max(ob, key=ob.get)
+
+
+def test_mc_runs_its_pair_on_llama_cpp(llama_server: Any, tmp_path: Any) -> None:
+    """Through the CLI: --expert-backend llama-cpp scores the pair on llama.cpp; its offsets agree with
+    the transformers run within the quantisation tolerance and the steered letters match."""
+    import json
+
+    import pandas as pd
+
+    from blackbox_proxy.cli import main
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(
+        "".join(
+            json.dumps({"id": x.id, "question": x.question, "choices": list(x.choices)}) + "\n"
+            for x in QUESTIONS
+        )
+    )
+    argv = ["mc", str(q), "--base-url", llama_server.base_url, "--model", llama_server.model, "-q"]
+    argv += ["--expert", QWEN, "--anti-expert", SMOLLM2, "--no-score-cache", "--top-logprobs", "10"]
+    tables = {}
+    for backend in ("transformers", "llama-cpp"):
+        out = tmp_path / f"{backend}.csv"
+        assert main([*argv, "--expert-backend", backend, "--out", str(out)]) == 0
+        tables[backend] = pd.read_csv(out, keep_default_na=False)
+    a, b = tables["transformers"], tables["llama-cpp"]
+    worst = max(
+        abs(float(x) - float(y))
+        for lab in "ABCDE"
+        if f"offset_{lab}" in a
+        for x, y in zip(a[f"offset_{lab}"], b[f"offset_{lab}"], strict=True)
+        if x != "" and y != ""
+    )
+    assert worst < 2 * LLAMA_CPP_TOLERANCE
+    assert list(a["base_letter"]) == list(b["base_letter"])
+    assert sum(x == y for x, y in zip(a["steered_letter"], b["steered_letter"], strict=True)) >= len(a) - 1

@@ -195,17 +195,28 @@ def follow_rate(provider: Any, template: PromptTemplate, k: int = 20) -> tuple[f
     return moved / total, letters
 
 
+@pytest.fixture(scope="module")
+def qwen_server() -> Any:
+    """Qwen2.5-Coder-0.5B-Instruct served by llama.cpp (SmolLM2-135M answers "A" to nearly everything:
+    its chosen option followed the shift in 2 of 24 prompts, so it cannot show this property)."""
+    from blackbox_proxy.server import LocalServer
+
+    with LocalServer("qwen2.5-coder-0.5b-instruct", "qwen-0.5b", n_ctx=2048, n_threads=2) as server:
+        yield server
+
+
 @pytest.mark.integration
-def test_chosen_letter_moves_with_its_option(llama_server: Any) -> None:
+def test_chosen_letter_moves_with_its_option(qwen_server: Any) -> None:
     from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
 
-    provider = OpenAIChatProvider(llama_server.model, llama_server.base_url, max_k=None, timeout=120)
+    provider = OpenAIChatProvider(qwen_server.model, qwen_server.base_url, max_k=None, timeout=120)
     try:
         rate, letters = follow_rate(provider, pr.DEFAULT_TEMPLATE)
     finally:
         provider.close()
     print(
-        f"\n{llama_server.model}: chosen option follows the shift in {rate:.2f} of 24 shifted prompts; letters {''.join(letters)}"
+        f"\n{qwen_server.model}: the chosen option followed the shift in {rate:.2f} of 24 shifted prompts; "
+        f"letters {''.join(letters)}"
     )
     # a model answering by letter position alone would score 0 here; by content, 1
     assert rate > 0.5, (rate, letters)

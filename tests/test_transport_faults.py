@@ -227,28 +227,36 @@ def test_hanging_server_is_fatal_within_the_deadline(fault_server: FaultServer) 
     assert provider.transport.stats()["abandoned"] == 2
 
 
-def test_timeouts_while_the_server_answers_others_are_transient(fault_server: FaultServer) -> None:
+@pytest.mark.parametrize(
+    ("deadline", "expected"),
+    [
+        (5.0, "timed out after 0.6 s (0.3 s timeout + 0.3 s waiting for a late answer), after 2 attempts"),
+        (0.85, "used up its 0.85 s deadline after 2 attempts (the last one had 0.2 s left"),
+    ],
+)
+def test_timeouts_while_the_server_answers_others_are_transient(
+    fault_server: FaultServer, deadline: float, expected: str
+) -> None:
     fault_server.default = Reply(body=chat_body(), delay=5.0)
-    provider = chat(fault_server, timeout=0.3, max_retries=5)
+    provider = chat(fault_server, timeout=0.3, max_retries=1, deadline=deadline)
     box: dict = {}
-
-    def slow() -> None:
-        try:
-            provider.top_logprobs("slow", 3)
-        except ProviderError as exc:
-            box["error"] = exc
-
-    th = threading.Thread(target=slow)
+    th = threading.Thread(target=lambda: box.update(error=_catch(provider, "slow")))
     th.start()
     time.sleep(0.15)
     fault_server.push(Reply(body=chat_body()))
-    assert provider.top_logprobs("fast", 3).chosen is not None  # the server answers this one
+    assert provider.top_logprobs("fast", 3).chosen is not None  # the server answers this one meanwhile
     th.join()
     err = box["error"]
     assert type(err) is TransientProviderError and err.reason == "timeout"
-    assert "timed out after 0.6 s (0.3 s timeout + 0.3 s waiting for a late answer), after 2 attempts" in str(
-        err
-    )
+    assert expected in str(err)
+
+
+def _catch(provider: OpenAIChatProvider, prompt: str) -> BaseException | None:
+    try:
+        provider.top_logprobs(prompt, 3)
+    except ProviderError as exc:
+        return exc
+    return None
 
 
 def test_a_late_answer_is_used_not_bought_twice(fault_server: FaultServer) -> None:

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from ..server import LocalServer
 from .options import positive_int
@@ -27,23 +28,40 @@ def _serve(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    server = LocalServer(
-        args.model or args.name,
-        args.name,
-        port=args.port,
-        host=args.host,
-        n_ctx=args.n_ctx,
-        n_threads=args.threads,
-    )
+    engine = getattr(args, "engine", "llama.cpp")
+    server: Any
+    if engine == "vllm":
+        from ..vllm_server import VLLMServer
+
+        server = VLLMServer(
+            args.model or args.name,
+            args.name,
+            port=args.port,
+            host=args.host,
+            max_model_len=args.n_ctx,
+            dtype=args.dtype,
+        )
+        weights = server.model_path
+    else:
+        server = LocalServer(
+            args.model or args.name,
+            args.name,
+            port=args.port,
+            host=args.host,
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+        )
+        weights = server.gguf.name
     try:
         server.start()
         print(server.base_url, flush=True)
         print(
-            f"serving {server.gguf.name} as model {server.model!r}; log: {server.log_path}", file=sys.stderr
+            f"serving {weights} with {engine} as model {server.model!r}; log: {server.log_path}",
+            file=sys.stderr,
         )
         while not stop.is_set():
             if not server.running():
-                print("blackbox-proxy: error: the llama.cpp server exited unexpectedly", file=sys.stderr)
+                print(f"blackbox-proxy: error: the {engine} server exited unexpectedly", file=sys.stderr)
                 return 1
             stop.wait(0.5)
     finally:
@@ -70,4 +88,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--n-ctx", type=positive_int, default=2048, help="context length in tokens (default: 2048)"
     )
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default: 2)")
+    p.add_argument(
+        "--engine",
+        choices=("llama.cpp", "vllm"),
+        default="llama.cpp",
+        help="serving engine (default: llama.cpp; vllm runs from .venv-vllm, see scripts/install_vllm.sh, "
+        "and serves packaged models and GGUF files from their converted safetensors folder)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        default="float32",
+        help="vLLM only: weight dtype (default: float32, log-probs equal to transformers')",
+    )
     p.set_defaults(func=_serve)

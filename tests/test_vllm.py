@@ -1,0 +1,299 @@
+"""vLLM as the serving engine: one real vLLM CPU server (SmolLM2, float32, eager) for the whole run.
+
+Ground truth is the same weights in-process (transformers, float32, full vocabulary). vLLM lives
+in its own venv (.venv-vllm, scripts/install_vllm.sh). A missing vLLM is a failure, unless
+BLACKBOX_PROXY_VLLM_OPTIONAL=1 says it may be absent (then these tests skip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from blackbox_proxy.adapters.base import ProviderOptions, create_provider
+from blackbox_proxy.adapters.continuation import CapabilityError
+from blackbox_proxy.adapters.openai_chat import OpenAIChatProvider
+from blackbox_proxy.adapters.vllm import (
+    EXACT,
+    ServedModel,
+    ServedScorer,
+    ServerExpertPair,
+    VLLMChatProvider,
+    VLLMCompletionsProvider,
+    require_exact,
+)
+
+from blackbox_proxy.candidates import match_candidates
+from blackbox_proxy.errors import CandidateError, InputError
+from blackbox_proxy.evaluation.datasets import load_truthfulqa
+from blackbox_proxy.prompts import mc_messages, mc_text
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+SMOLLM2 = "smollm2-135m-instruct"
+OPTIONAL_ENV = "BLACKBOX_PROXY_VLLM_OPTIONAL"
+#: vLLM float32 vs transformers float32 on CPU (different kernels): measured max 2e-5
+TOL = 1e-3
+MC = [
+    {
+        "role": "user",
+        "content": "Which planet is known as the Red Planet?\nA) Venus\nB) Jupiter\nC) Mars\nD) Saturn\nAnswer:",
+    }
+]
+LABELS = ("A", "B", "C", "D")
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[Any]:
+    """vLLM's OpenAI server with SmolLM2-135M-Instruct (float32, eager), model name "smollm2"."""
+    from blackbox_proxy.vllm_server import VLLMServer, vllm_python
+
+    try:
+        vllm_python()
+    except InputError as exc:
+        if os.environ.get(OPTIONAL_ENV) == "1":
+            pytest.skip(f"vLLM is not installed and {OPTIONAL_ENV}=1: {exc}")
+        pytest.fail(f"vLLM is required for these tests: {exc} (or set {OPTIONAL_ENV}=1 to skip them)")
+    t0 = time.monotonic()
+    with VLLMServer(SMOLLM2, "smollm2", max_model_len=2048, dtype="float32", enforce_eager=True) as srv:
+        print(f"\nvLLM server ready in {time.monotonic() - t0:.1f} s")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def local() -> Any:
+    """The same weights in-process: transformers, float32, full-vocabulary log-softmax."""
+    from blackbox_proxy.models import load_model
+
+    return load_model(SMOLLM2, "transformers")
+
+
+@pytest.fixture(scope="module")
+def chat(vllm_server: Any) -> VLLMChatProvider:
+    return VLLMChatProvider(vllm_server.model, vllm_server.base_url, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def comp(vllm_server: Any) -> VLLMCompletionsProvider:
+    return VLLMCompletionsProvider(vllm_server.model, vllm_server.base_url, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(vllm_server: Any) -> ServedModel:
+    return ServedModel(vllm_server.model, vllm_server.base_url)
+
+
+def local_next(local: Any, ids: list[int]) -> Any:
+    """Full-vocabulary log-probs of the token after ``ids`` (a float tensor over the vocabulary)."""
+    return local.logprobs([ids], 1)[0, -1]
+
+
+def assert_top_matches(top: Any, ref: Any, k: int) -> None:
+    """The k returned values are the k largest of the local distribution (order and text not trusted)."""
+    want = sorted(ref.topk(k).values.tolist(), reverse=True)
+    got = sorted((e.logprob for e in top.top_entries()), reverse=True)
+    assert len(got) == k
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOL
+
+
+# ------------------------------------------------------------------------------ plain providers
+
+
+def test_chat_top_logprobs_equal_local_full_vocabulary(chat: VLLMChatProvider, local: Any) -> None:
+    top = chat.top_logprobs(MC, 5)
+    assert top.provider == "vllm-chat" and top.usage is not None and top.usage.prompt_tokens > 0
+    assert_top_matches(top, local_next(local, local.encode_chat(MC)), 5)
+
+
+def test_completions_top_logprobs_equal_local(comp: VLLMCompletionsProvider, local: Any) -> None:
+    text = "The capital of France is"
+    top = comp.top_logprobs(text, 5)
+    assert_top_matches(top, local_next(local, local.encode(text)), 5)
+    assert top.chosen is not None and top.chosen.token == " Paris"
+
+
+def test_registry_builds_vllm_providers(vllm_server: Any) -> None:
+    import blackbox_proxy.adapters.vllm  # noqa: F401  (registers "vllm", "vllm-chat", "vllm-completions")
+
+    opts = ProviderOptions(vllm_server.model, base_url=vllm_server.base_url)
+    p = create_provider("vllm", opts)
+    assert isinstance(p, VLLMChatProvider) and EXACT in p.capabilities and "continue" in p.capabilities
+    assert p.max_k is None
+    c = create_provider(
+        "vllm", ProviderOptions(vllm_server.model, base_url=vllm_server.base_url, endpoint="completions")
+    )
+    assert isinstance(c, VLLMCompletionsProvider) and EXACT in c.capabilities
+    with pytest.raises(InputError, match="base URL"):
+        create_provider("vllm", ProviderOptions("m", base_url=None, api_key_env=None))
+
+
+# ------------------------------------------------------------------------------ the exact policy
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_exact_at_k1_no_candidate_missing_and_values_equal_local(
+    endpoint: str, chat: VLLMChatProvider, comp: VLLMCompletionsProvider, local: Any
+) -> None:
+    q = load_truthfulqa()[0]
+    prov: Any = chat if endpoint == "chat" else comp
+    prompt: Any = mc_messages(q) if endpoint == "chat" else mc_text(q)
+    ids = local.encode_chat(prompt) if endpoint == "chat" else local.encode(prompt)
+    ref = local_next(local, ids)
+
+    plain = prov.top_logprobs(prompt, 1)
+    assert any(v is None for v in match_candidates(plain, q.labels).values())  # k=1: some are missing
+
+    top = prov.top_logprobs(prompt, 1, candidates=q.labels)
+    matched = match_candidates(top, q.labels)
+    assert all(v is not None for v in matched.values()), matched
+    exact = [e for e in top.entries if e.id is not None]
+    assert len(exact) >= 2 * len(q.labels)  # " A" and "A" at least, for every label
+    for e in exact:
+        assert abs(e.logprob - float(ref[e.id])) < TOL, (e, float(ref[e.id]))
+    # the top-1 entry is still there, and is the local argmax
+    assert top.k == 1 and abs(top.top_entries()[0].logprob - float(ref.max())) < TOL
+    for lab, lp in matched.items():  # pooled over variants exactly as the local side would
+        ids_l = [e.id for e in exact if e.token.strip(" .():\n") == lab]
+        assert lp == pytest.approx(float(ref[ids_l].logsumexp(0)), abs=TOL)
+
+
+def test_exact_async_equals_sync_and_without_top_k(vllm_server: Any, chat: VLLMChatProvider) -> None:
+    sync = chat.top_logprobs(MC, 3, candidates=LABELS)
+    got = asyncio.run(chat.atop_logprobs(MC, 3, candidates=LABELS))
+    assert got.known() == pytest.approx(sync.known(), abs=1e-6)
+    only = VLLMChatProvider(vllm_server.model, vllm_server.base_url, with_top_k=False, max_ids=3)
+    lean = only.top_logprobs(MC, 3, candidates=LABELS)  # ids split over several requests (max_ids=3)
+    assert lean.usage is not None and lean.usage.requests >= 3
+    m1, m2 = match_candidates(lean, LABELS), match_candidates(sync, LABELS)
+    assert m1 == pytest.approx(m2, abs=1e-6)
+
+
+def test_exact_rejects_a_label_with_no_single_token_spelling(chat: VLLMChatProvider) -> None:
+    with pytest.raises(CandidateError, match="not a single token"):
+        chat.top_logprobs(MC, 1, candidates=("A", "Quintarovelia"))
+
+
+def test_exact_on_a_server_without_the_capability_names_it(llama_server: Any) -> None:
+    with pytest.raises(CapabilityError, match="exact"):
+        require_exact(OpenAIChatProvider(llama_server.model, llama_server.base_url, max_k=None))
+    fake = VLLMChatProvider(llama_server.model, llama_server.base_url, timeout=60, max_retries=0)
+    with pytest.raises(CapabilityError, match="exact"):
+        fake.top_logprobs(MC, 1, candidates=LABELS)
+
+
+# ------------------------------------------------------------------------------ continuation, blocks
+
+
+def test_continue_final_message_continues_the_partial_answer(chat: VLLMChatProvider, local: Any) -> None:
+    prefix = "The answer is"
+    cont = chat.continue_prefix(prefix, 3, 2, messages=MC)
+    assert len(cont.positions) == 3 and cont.text == "".join(cont.tokens)
+    ids = local.tokenizer.apply_chat_template(
+        [*MC, {"role": "assistant", "content": prefix}],
+        continue_final_message=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
+    ref = local_next(local, list(ids))
+    first = cont.positions[0]
+    assert first.chosen is not None and abs(first.chosen.logprob - float(ref.max())) < TOL
+    assert_top_matches(first, ref, 2)
+
+
+def test_score_block_gives_every_position_in_one_request(comp: VLLMCompletionsProvider, local: Any) -> None:
+    prefix, block = "The capital of France is", " Paris, and the capital of Italy"
+    comp.score_block(prefix, block, k=3)  # tokenises prefix and block once (cached afterwards)
+    before = comp.transport.stats()["attempts"]
+    cont = comp.score_block(prefix, block, k=4)
+    assert comp.transport.stats()["attempts"] - before == 1  # the whole block in one request
+    pre, blk = local.encode(prefix), local.encode(block, add_special_tokens=False)
+    assert [p.chosen.id for p in cont.positions[:-1]] == blk and len(cont.positions) == len(blk) + 1
+    lp = local.logprobs([pre + blk], len(blk) + 1)[0]
+    for j, pos in enumerate(cont.positions):
+        if j < len(blk):
+            assert abs(pos.chosen.logprob - float(lp[j, blk[j]])) < TOL
+        assert_top_matches(pos, lp[j], 4)
+
+
+# ------------------------------------------------------------------------------ experts on a server
+
+
+def test_served_scorer_equals_the_in_process_scorer(served: ServedModel, local: Any) -> None:
+    from blackbox_proxy.experts import CandidateScorer
+
+    qs = load_truthfulqa()[:6]
+    prompts: list[Any] = [*qs, mc_text(qs[0])]
+    cands = [q.labels for q in qs] + [("A", "B", "Quintaro")]  # "Quintaro": several tokens
+    remote = ServedScorer(served).score(prompts, cands)
+    here = CandidateScorer(local).score(prompts, cands)
+    for r, h in zip(remote, here, strict=True):
+        assert r.keys() == h.keys()
+        for lab in r:
+            assert abs(r[lab] - h[lab]) < TOL, (lab, r[lab], h[lab])
+
+
+def test_server_pair_gives_the_in_process_pair_scores(served: ServedModel, local: Any) -> None:
+    from blackbox_proxy.experts import ExpertPair
+
+    qs = load_truthfulqa()[:4]
+    remote = ServerExpertPair(served, served)
+    here = ExpertPair(local, local)
+    r_letters, h_letters = remote.score(qs, ["A", "B", "C", "D"]), here.score(qs, ["A", "B", "C", "D"])
+    for r, h in zip(r_letters, h_letters, strict=True):
+        assert r.expert == pytest.approx(h.expert, abs=TOL) and r.offsets() == pytest.approx(
+            h.offsets(), abs=TOL
+        )
+    r_opts, h_opts = remote.score_options(qs), here.score_options(qs)
+    for r, h in zip(r_opts, h_opts, strict=True):
+        assert r.n_tokens == h.n_tokens
+        assert r.expert == pytest.approx(h.expert, abs=TOL) and r.expert_cf == pytest.approx(
+            h.expert_cf, abs=TOL
+        )
+    assert remote.identity()["backend"] == "vllm-server"
+    assert remote.expert.max_context == 2048
+
+
+def test_served_model_refuses_full_logit_decoding(served: ServedModel) -> None:
+    with pytest.raises(CapabilityError, match="in-process"):
+        served.open([[1, 2, 3]])
+
+
+# ------------------------------------------------------------------------------ vLLM vs llama.cpp
+
+
+def test_same_mc_answers_from_vllm_and_llama_cpp(chat: VLLMChatProvider, llama_server: Any) -> None:
+    """Same weights: llama.cpp computes with the Q4_1 blocks, vLLM with their float32 dequantisation."""
+    llama = OpenAIChatProvider(llama_server.model, llama_server.base_url, max_k=None, timeout=60)
+    qs = load_truthfulqa()[:20]
+    diffs, agree, decided = [], 0, 0
+    for q in qs:
+        v = chat.top_logprobs(mc_messages(q), 1, candidates=q.labels)
+        ll = llama.top_logprobs(mc_messages(q), 20)
+        mv, ml = match_candidates(v, q.labels), match_candidates(ll, q.labels)
+        both = [lab for lab in q.labels if ml[lab] is not None]
+        diffs += [abs(mv[lab] - ml[lab]) for lab in both]
+        ranked = sorted(q.labels, key=lambda lab: -mv[lab])
+        margin = mv[ranked[0]] - mv[ranked[1]]
+        if margin > 2 * QUANT_TOL and ml[ranked[0]] is not None:
+            decided += 1
+            best_l = max((lab for lab in both), key=lambda lab: ml[lab])
+            agree += best_l == ranked[0]
+    print(
+        f"\nvLLM vs llama.cpp letter log-probs: max |diff| {max(diffs):.3f}, mean {sum(diffs) / len(diffs):.3f}"
+    )
+    assert max(diffs) < QUANT_TOL
+    assert decided >= 5 and agree == decided
+
+
+#: measured: vLLM (float32 dequantised Q4_1) vs llama.cpp (Q4_1 kernels) on SmolLM2 letter log-probs
+QUANT_TOL = 0.25
+
+
+def test_log_probs_are_finite(chat: VLLMChatProvider) -> None:
+    top = chat.top_logprobs(MC, 1, candidates=LABELS)
+    assert all(math.isfinite(e.logprob) for e in top.entries)
