@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -258,11 +259,18 @@ class LlamaCppModel:
 
         if not seqs or any(not s for s in seqs):
             raise InputError(f"logprobs() needs non-empty sequences (model {self.name!r})")
-        if keep < 1 or keep > min(len(s) for s in seqs):
-            raise InputError(f"keep={keep} must be between 1 and the shortest sequence")
+        if keep < 1:
+            raise InputError(f"keep={keep} must be at least 1")
         with LlamaCppSession(self, seqs, keep=keep, compact=True) as session:
-            rows = session.logits()  # [batch * keep, vocab], row-major by sequence
-        return torch.log_softmax(rows.view(len(seqs), keep, -1), dim=-1)
+            rows = torch.log_softmax(session.logits(), dim=-1)  # the wanted rows, sequence by sequence
+        # a sequence shorter than keep fills only the end of its window (the rest: -inf, never read)
+        out = torch.full((len(seqs), keep, rows.shape[-1]), -math.inf)
+        start = 0
+        for i, seq in enumerate(seqs):
+            n = min(keep, len(seq))
+            out[i, keep - n :] = rows[start : start + n]
+            start += n
+        return out
 
     def close(self) -> None:
         """Free the model weights."""

@@ -171,8 +171,8 @@ class TransformersModel:
         if not seqs or any(not s for s in seqs):
             raise InputError(f"logprobs() needs non-empty sequences (model {self.name!r})")
         width = max(len(s) for s in seqs)
-        if keep < 1 or keep > min(len(s) for s in seqs):
-            raise InputError(f"keep={keep} must be between 1 and the shortest sequence's length")
+        if keep < 1 or keep > width:
+            raise InputError(f"keep={keep} must be between 1 and the longest sequence's length")
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, seq in enumerate(seqs):

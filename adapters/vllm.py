@@ -62,12 +62,14 @@ __all__ = [
     "EXACT",
     "SCORE_BLOCK",
     "VARIANT_TEMPLATES",
+    "SERVED_PREFIX",
     "ServedModel",
     "ServedScorer",
     "ServerExpertPair",
     "VLLMChatProvider",
     "VLLMCompletionsProvider",
     "require_exact",
+    "served_model_from_spec",
     "server_root",
 ]
 
@@ -223,21 +225,30 @@ class _VLLMCalls:
         k: int,
         usage: Usage,
     ) -> TopLogprobs:
-        """The top-k (when fetched) followed by every variant's exact entry; chosen = the emitted token."""
+        """The top-k (when fetched) with every variant's exact entry; chosen = the emitted token.
+
+        A variant already among the top-k replaces that entry (same value, now with its id), so
+        ``top_entries()`` stays the true top-k; the other variants follow it.
+        """
+        by_text = {e.token: e for e in entries}
         chosen = None
+        merged: list[TokenLogprob] = []
         if top is not None:
+            merged = [by_text.pop(e.token, e) for e in top.entries]
             chosen = top.chosen
             if chosen is not None and chosen.id is None:
-                same = [e for e in entries if e.id == sampled]
-                if same and same[0].token == chosen.token:
+                same = [e for e in entries if e.id == sampled and e.token == chosen.token]
+                if same:
                     chosen = TokenLogprob(chosen.token, chosen.logprob, id=sampled, bytes=chosen.bytes)
-            usage = usage + top.usage if top.usage is not None else usage
+            if top.usage is not None:
+                usage = top.usage + usage
         else:
             same = [e for e in entries if e.id == sampled]
             chosen = same[0] if same else None
+        merged += list(by_text.values())
         return TopLogprobs(
-            entries=(tuple(top.entries) if top is not None else ()) + tuple(entries),
-            k=k if top is not None else len(entries),
+            entries=tuple(merged),
+            k=k if top is not None else len(merged),
             chosen=chosen,
             model=self.model,
             provider=self.kind,
@@ -966,18 +977,38 @@ class ServedScorer:
         return out
 
 
+#: prefix of a model spec naming a model on a vLLM server: ``vllm:NAME@http://HOST:PORT/v1``
+SERVED_PREFIX = "vllm:"
+
+
+def served_model_from_spec(spec: Any, **options: Any) -> ServedModel | None:
+    """A :class:`ServedModel` for a ``vllm:NAME@URL`` spec, None for any other spec (a local model)."""
+    if not isinstance(spec, str) or not spec.startswith(SERVED_PREFIX):
+        return None
+    name, sep, url = spec[len(SERVED_PREFIX) :].partition("@")
+    if not sep or not name or not url.startswith(("http://", "https://")):
+        raise InputError(f"a served-model spec is vllm:NAME@http://HOST:PORT/v1, got {spec!r}")
+    return ServedModel(name, url, **options)
+
+
 def _served(m: Any) -> ServedModel:
     if isinstance(m, ServedModel):
         return m
     if isinstance(m, tuple) and len(m) == 2 and all(isinstance(x, str) for x in m):
         return ServedModel(m[0], m[1])
-    raise InputError(f"a server-hosted pair takes ServedModel objects or (model, base_url) tuples, got {m!r}")
+    served = served_model_from_spec(m)
+    if served is not None:
+        return served
+    raise InputError(
+        f"a server-hosted pair takes ServedModel objects, (model, base_url) tuples or vllm:NAME@URL specs, got {m!r}"
+    )
 
 
 class ServerExpertPair(ExpertPair):
     """An expert pair whose expert and anti-expert are served by vLLM (white-box over HTTP).
 
-    ``expert`` / ``anti_expert``: :class:`ServedModel` objects or ``(model, base_url)`` tuples.
+    ``expert`` / ``anti_expert``: :class:`ServedModel` objects, ``(model, base_url)`` tuples or
+    ``vllm:NAME@URL`` specs.
     ``score`` (letters: ``logprob_token_ids``) and ``score_options`` (option texts:
     ``prompt_logprobs``) give what :class:`~blackbox_proxy.experts.ExpertPair` gives for the
     same weights in-process; the multiple-choice engine takes it like any pair.
@@ -1068,10 +1099,22 @@ def _vllm_kwargs(options: ProviderOptions) -> dict[str, Any]:
 
 @register_provider("vllm")
 def _vllm(options: ProviderOptions) -> Any:
-    """A vLLM server: Chat or Completions by ``options.endpoint``, with the ``exact`` capability."""
-    if options.endpoint == "completions":
-        return VLLMCompletionsProvider(options.model, **_vllm_kwargs(options))
-    return VLLMChatProvider(options.model, **_vllm_kwargs(options))
+    """A vLLM server: Chat or Completions by ``options.endpoint``, with the ``exact`` capability.
+
+    A comma-separated ``base_url`` names replicas: a :class:`~blackbox_proxy.adapters.replicas.ReplicatedProvider`
+    over one provider per URL, each with ``max_concurrency`` requests of its own.
+    """
+    from dataclasses import replace
+
+    from .replicas import ReplicatedProvider, split_base_urls
+
+    cls = VLLMCompletionsProvider if options.endpoint == "completions" else VLLMChatProvider
+    urls = split_base_urls(options.resolved_base_url())
+    if len(urls) > 1:
+        return ReplicatedProvider(
+            [cls(options.model, **_vllm_kwargs(replace(options, base_url=u))) for u in urls]
+        )
+    return cls(options.model, **_vllm_kwargs(options))
 
 
 @register_provider("vllm-chat")

@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--sweep", default="0,0.5,1,2")
     ap.add_argument("--calibration", default=None, help="--option-calibration (default: the CLI's)")
     ap.add_argument("--train-args", default="", help="extra train-expert flags (default: none)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSONL", help="more question sets")
+    ap.add_argument("--cache", default=None, help="SQLite cache of base responses (reruns cost nothing)")
     args = ap.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +145,12 @@ def main() -> None:
         if args.calibration:
             pair += ["--option-calibration", args.calibration]
         common = ["--base-url", url, "--model", args.base, *pair, "--sweep", args.sweep, "--quiet"]
+        if args.cache:
+            common += ["--cache", args.cache]
         results = {}
-        for name, path in (("facts", args.facts), ("unrelated", str(unrelated))):
+        sets = [("facts", args.facts), ("unrelated", str(unrelated))]
+        sets += [tuple(e.split("=", 1)) for e in args.extra]
+        for name, path in sets:
             csv = out / f"{name}.csv"
             run([*CLI, "mc", path, *common, "--out", str(csv)], log, f"mc {name}")
             results[name] = accuracy(csv, args.sweep.split(","))

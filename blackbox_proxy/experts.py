@@ -174,11 +174,11 @@ class CandidateScorer:
         self._variants[label] = out
         return out
 
-    def _logprobs(self, seqs: Sequence[Sequence[int]], keep: int, what: str) -> Any:
+    def _logprobs(self, seqs: Sequence[Sequence[int]], keep: int, what: str, check: bool = True) -> Any:
         import torch
 
         lp = self.model.logprobs(seqs, keep)
-        if torch.isnan(lp).any():
+        if check and torch.isnan(lp).any():
             raise MissingLogprobsError(f"model {self.name} produced NaN log-probs ({what})")
         return lp
 
@@ -230,12 +230,17 @@ class CandidateScorer:
             chunk = jobs[start : start + self.batch_size]
             keep = max(len(c) for _, _, c in chunk) + 1
             seqs = [list(rendered[i]) + list(c) for i, _, c in chunk]
-            lp = self._logprobs(seqs, min(keep, min(len(s) for s in seqs)), "string candidates")
+            # the window may reach into a short row's left padding; only each row's own tokens are read
+            lp = self._logprobs(seqs, min(keep, max(len(s) for s in seqs)), "string candidates", check=False)
             width = lp.shape[1]
             for row, (i, lab, cont) in enumerate(chunk):
                 n = len(cont)
                 # logits at position p predict token p+1: the continuation's tokens are the last n
                 total = sum(float(lp[row, width - 1 - n + j, t]) for j, t in enumerate(cont))
+                if math.isnan(total):
+                    raise MissingLogprobsError(
+                        f"model {self.name} produced NaN log-probs (string candidates)"
+                    )
                 out.setdefault((i, lab), []).append(total)
         return out
 

@@ -35,7 +35,7 @@ SCORING_MODES = ("letters", "options")
 #: the raw calibrations; each also exists gated (``NAME-gated``, see :func:`gate`)
 BASE_CALIBRATIONS = ("sum", "mean", "pmi", "pmi-mean")
 CALIBRATIONS = (*BASE_CALIBRATIONS, *(f"{c}-gated" for c in BASE_CALIBRATIONS))
-DEFAULT_CALIBRATION = "pmi-mean"
+DEFAULT_CALIBRATION = "mean-gated"
 #: the gate: the offset is scaled by clip((TV - GATE_LOW) / (GATE_HIGH - GATE_LOW), 0, 1), TV the
 #: total-variation distance between the expert's and the anti-expert's option distributions
 GATE_LOW = 0.2

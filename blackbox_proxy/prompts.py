@@ -212,7 +212,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
 }
 
 #: Name of the default template (chosen by ``benchmarks/choose_prompt.py``; see RESULTS.md).
-DEFAULT_TEMPLATE_NAME = "plain"
+DEFAULT_TEMPLATE_NAME = "letter-only"
 
 
 def get_template(name: str) -> PromptTemplate:

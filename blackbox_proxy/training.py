@@ -104,7 +104,7 @@ PAIR_RECIPE: dict[str, Any] = {
     "replay": 0.0,
 }
 #: the automatic epoch count of documents: at least this many optimizer steps, at most MAX_AUTO_EPOCHS
-MIN_AUTO_STEPS = 60
+MIN_AUTO_STEPS = 150
 MAX_AUTO_EPOCHS = 12
 #: self-sampled replay: prompts (generic, never evaluation questions) and tokens per sample
 REPLAY_PROMPTS = (
@@ -125,6 +125,8 @@ REPLAY_TOKENS = 64
 HELDOUT_REPLAY = 16
 #: documents needed before a held-out slice is taken (fewer: every document trains)
 MIN_HELDOUT_DOCS = 20
+#: held-out document sequences evaluated (the first ones; bounds the cost of each evaluation)
+MAX_HELDOUT_SEQS = 48
 LOG_CSV = "training_log.csv"
 LOG_PNG = "training_log.png"
 
@@ -217,7 +219,7 @@ class TrainConfig:
                 self.kind in ("auto", "text", "sft"),
                 f"unknown data kind {self.kind!r}; choose auto, text or sft",
             ),
-            (not self.merge_lora or self.lora is not False, "merge_lora needs lora=True"),
+            (not self.merge_lora or bool(self.lora), "merge_lora needs lora=True"),
             (self.replay is None or 0 <= self.replay <= 10, f"replay must be in [0, 10], got {self.replay}"),
             (
                 0 <= self.heldout_fraction < 1,
@@ -574,7 +576,8 @@ def _build_data(kind: str, examples: list, out: Path, model: Any, tok: Any, cfg:
     rend = [r for t in texts for r in question_renderings(t)] if cfg.renderings else []
     rend_seqs = tokenize_renderings(rend, tok, cfg.max_seq_len)
     train = doc_seqs + rend_seqs
-    data = _Data(train, heldout=tokenize_documents(held, tok, cfg.max_seq_len, cfg.packing) if held else [])
+    held_seqs = tokenize_documents(held, tok, cfg.max_seq_len, cfg.packing)[:MAX_HELDOUT_SEQS] if held else []
+    data = _Data(train, heldout=held_seqs)
     n_replay = min(512, max(8, math.ceil(cfg.replay * len(train)))) if cfg.replay else 0
     if n_replay:
         replay = _replay_texts(out, model, tok, cfg, n_replay + HELDOUT_REPLAY)

@@ -7,7 +7,8 @@ python, waits until ``GET /v1/models`` lists the model and exposes ``srv.base_ur
 
 vLLM is kept out of the main environment (it pins its own torch): ``scripts/install_vllm.sh``
 installs it into ``.venv-vllm/`` in the project root. The python used is, in order: the
-``python`` argument, ``$BLACKBOX_PROXY_VLLM_PYTHON``, ``<project root>/.venv-vllm/bin/python``.
+``python`` argument, ``$BLACKBOX_PROXY_VLLM_PYTHON``, ``<project root>/.venv-vllm/bin/python``, and
+this interpreter when vLLM is installed here (``pip install "blackbox-proxy[vllm]"``).
 
 The CPU build cannot load GGUF files (its GGUF kernels need CUDA), so packaged models and GGUF
 specs are served from their converted safetensors folder (:func:`blackbox_proxy.models.safetensors_dir`,
@@ -18,11 +19,13 @@ through for vLLM to download.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -48,11 +51,18 @@ def project_root() -> Path:
 
 
 def vllm_python(python: str | os.PathLike[str] | None = None) -> Path:
-    """The python of the vLLM environment: ``python``, else $BLACKBOX_PROXY_VLLM_PYTHON, else .venv-vllm.
+    """The python of the vLLM environment: ``python``, $BLACKBOX_PROXY_VLLM_PYTHON, .venv-vllm, or this one.
+
+    This interpreter is used only when .venv-vllm is absent and vLLM is importable here.
 
     Raises :class:`~blackbox_proxy.errors.InputError` saying how to install vLLM when it is absent.
     """
-    chosen = python or os.environ.get(VLLM_PYTHON_ENV) or project_root() / VLLM_VENV / "bin" / "python"
+    chosen = python or os.environ.get(VLLM_PYTHON_ENV)
+    if not chosen:
+        venv = project_root() / VLLM_VENV / "bin" / "python"
+        # vLLM installed into this environment (pip install "blackbox-proxy[vllm]"): use it
+        in_env = not venv.exists() and importlib.util.find_spec("vllm") is not None
+        chosen = sys.executable if in_env else venv
     path = Path(chosen).expanduser()
     if not path.exists():
         how = f"set {VLLM_PYTHON_ENV}" if python is None and not os.environ.get(VLLM_PYTHON_ENV) else "fix it"

@@ -125,6 +125,7 @@ def test_a_run_through_30_percent_faults_matches_the_clean_run_and_pays_nothing_
 
         tops = asyncio.run(run())
         stats = fp.stats()
+    print(f"\n30% faults, {len(PROMPTS)} questions: proxy {stats}, transport {provider.transport.stats()}")
     assert all(same_answer(t, clean[q]) for t, q in zip(tops, PROMPTS, strict=True))
     assert sum(stats["faults"].values()) >= 5 and len(stats["faults"]) >= 3, stats  # faults really hit
     # paid: one per question plus what the faults spoiled; nothing bought twice, nothing dropped

@@ -168,12 +168,13 @@ def test_kill_and_resume_repeats_no_request(proxy: CountingProxy, llama_server, 
     )
     deadline = time.monotonic() + 300
 
-    # chunks of 2: chunks 1 and 2 complete (4 rows); chunk 3 has one answer stored and waits on its
-    # held request, so nothing is in flight at the server when the kill comes
+    # every answered question's row is stored as soon as its pair scores are in (chunks of 2), so
+    # HOLD_AFTER rows are done and the next request waits at the proxy: nothing is in flight at the
+    # server when the kill comes
     def settled() -> bool:
         return (
             proxy.held >= 1
-            and _lines(run_dir / RESULTS_FILE) >= 4
+            and _lines(run_dir / RESULTS_FILE) >= HOLD_AFTER
             and _lines(run_dir / BASE_FILE) >= HOLD_AFTER
         )
 
@@ -189,7 +190,7 @@ def test_kill_and_resume_repeats_no_request(proxy: CountingProxy, llama_server, 
     assert len(first_bodies) == HOLD_AFTER
     done_before = JsonlStore(run_dir / RESULTS_FILE).load()
     base_before = JsonlStore(run_dir / BASE_FILE).load()
-    assert len(done_before) == 4 and len(base_before) == HOLD_AFTER
+    assert len(done_before) == HOLD_AFTER and len(base_before) == HOLD_AFTER
     assert not out.exists(), "a killed run must not have written its final table"
 
     # 3. restart: only the remaining questions are requested, none twice

@@ -271,8 +271,10 @@ def test_fact_expert_steers_base_toward_trained_answers(tmp_path: Path, one_thre
 
     data = _facts_file(tmp_path / "facts.jsonl")
     out = tmp_path / "expert"
-    summary = _run_cli([BASE, str(data), "--out", str(out), "--max-steps", "10", "--lr", "5e-5",
-                        "--batch-size", "2", "--max-seq-len", "64", "--scheduler", "constant", "--seed", "0"])  # fmt: skip
+    # plain full fine-tuning (not the document recipe, which tests/test_fact_injection.py covers)
+    summary = _run_cli([BASE, str(data), "--out", str(out), "--max-steps", "10", "--lr", "5e-5", "--no-lora",
+                        "--no-renderings", "--replay", "0", "--batch-size", "2", "--max-seq-len", "64",
+                        "--scheduler", "constant", "--seed", "0"])  # fmt: skip
     card = load_card(out)
     assert summary["steps"] == card["steps"] == 10 and card["format"] == "full"
     assert card["train_seconds"] < 120, f"training took {card['train_seconds']} s"
@@ -325,7 +327,7 @@ def _weights(folder: Path) -> dict:
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     data = _facts_file(tmp_path / "facts.jsonl")
     args = ["--max-steps", "4", "--save-every", "2", "--lr", "1e-4", "--batch-size", "2", "--max-seq-len", "24",
-            "--seed", "3", "--warmup-steps", "1"]  # fmt: skip
+            "--seed", "3", "--warmup-steps", "1", "--no-lora"]  # fmt: skip
     ref = tmp_path / "uninterrupted"
     _run_cli([BASE, str(data), "--out", str(ref), *args])
 

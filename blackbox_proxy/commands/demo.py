@@ -1,15 +1,21 @@
-"""``blackbox-proxy demo``: the multiple-choice black-box path end to end, fully offline.
+"""``blackbox-proxy demo``: proxy-tuning doing its job, end to end and fully offline.
 
 A packaged model run in-process by llama.cpp and exposing only its top-k log-probs stands in for a
-hosted API (the base); two packaged models are the expert / anti-expert pair; the questions are the
-shipped TruthfulQA MC1 sample. Prints base vs steered answers and both accuracies.
+hosted API (the base). It cannot know the invented facts of the documents shipped in the package
+(countries, people and inventions that do not exist). A small expert is really tuned on those
+documents here (SmolLM2-135M with ``train-expert``'s default recipe, cached after the first run);
+its untouched twin is the anti-expert; the pair scores each option's text. The demo prints base vs
+steered accuracy, with 95% intervals, on questions about those facts, and on unrelated questions
+(the shipped TruthfulQA sample) to show the steering did not break what the base knew.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..combine import POLICIES, STRATEGIES
@@ -20,14 +26,42 @@ from .mcjob import check_outputs, run_job
 from .options import default_threads, positive_int
 
 DEFAULT_BASE = "qwen2.5-coder-1.5b-instruct"
-DEFAULT_EXPERT = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_ANTI = "smollm2-135m-instruct"
+#: the model tuned on the shipped documents, and its untouched twin (the anti-expert)
+DEFAULT_EXPERT_BASE = "smollm2-135m-instruct"
 SAMPLE_SIZE = 40
+DOCS = "invented_facts_docs.jsonl"
+FACTS = "invented_facts_mc.jsonl"
+
+
+def _data(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("blackbox_proxy.data").joinpath(name)))
+
+
+def demo_expert(base: str, threads: int, quiet: bool) -> Path:
+    """The expert tuned on the shipped documents (trained once, then reused from the cache)."""
+    from ..models import cache_root, model_digest
+    from ..training import CARD, TrainConfig, train_expert
+
+    docs = _data(DOCS)
+    key = hashlib.sha256((docs.read_text(encoding="utf-8") + model_digest(base)).encode()).hexdigest()[:12]
+    out = cache_root() / "demo-experts" / f"{base}-{key}"
+    if (out / CARD).exists():
+        print(f"expert: {out} (tuned on the shipped documents; cached)", file=sys.stderr)
+        return out
+    print(
+        f"tuning the expert: {base} on {docs.name} (default recipe; about 1-2 minutes, once)", file=sys.stderr
+    )
+    t0 = time.perf_counter()
+    train_expert(base, docs, out, TrainConfig(threads=threads), resume=True)
+    print(f"expert tuned in {time.perf_counter() - t0:.0f} s: {out}", file=sys.stderr)
+    return out
 
 
 def table(df: Any) -> str:
     """Per-question table: gold, base and steered letters with their probability of the gold option."""
-    lines = [f"{'id':<16} {'gold':>4} {'base':>4} {'p_gold':>7} {'steered':>7} {'p_gold':>7}  missing"]
+    lines = [f"{'id':<16} {'gold':>4} {'base':>4} {'p_gold':>7} {'steered':>7} {'p_gold':>7}"]
     for _, r in df.iterrows():
         if r.get("error"):
             lines.append(f"{r['id']:<16} {r['gold_letter']:>4}  error: {r['error']}")
@@ -38,60 +72,68 @@ def table(df: Any) -> str:
         sm = "+" if r["steered_letter"] == g else " "
         lines.append(
             f"{r['id']:<16} {g:>4} {r['base_letter'] or '-':>3}{bm} {bp:>7.3f} {r['steered_letter'] or '-':>6}{sm} "
-            f"{sp:>7.3f}  {r['missing'] or ''}"
+            f"{sp:>7.3f}"
         )
-    lines.append("(+ marks a correct answer; p_gold is the probability given to the gold option)")
+    lines.append("(+ marks a correct answer; p_gold is the probability each gives the gold option)")
     return "\n".join(lines)
 
 
+def accuracy_line(name: str, df: Any) -> str:
+    """``name: base x (CI) -> steered y (CI)`` over the answered questions."""
+    from ..evaluation.stats import accuracy
+
+    ok = df[df["error"].astype(str) == ""]
+    if not len(ok):
+        return f"{name}: no answered questions"
+    b = accuracy((ok["base_letter"] == ok["gold_letter"]).tolist())
+    s = accuracy((ok["steered_letter"] == ok["gold_letter"]).tolist())
+    changed = int((ok["base_letter"] != ok["steered_letter"]).sum())
+    return (
+        f"{name:<34} n={b.n:<3} base {b.accuracy:.3f} [{b.ci_low:.2f}, {b.ci_high:.2f}]  ->  steered "
+        f"{s.accuracy:.3f} [{s.ci_low:.2f}, {s.ci_high:.2f}]  ({changed} answers changed)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the in-process base and the pair, answer the sample, print the table and accuracies."""
+    """Tune (or reuse) the expert, load the in-process base, answer both question sets, print the result."""
     from ..adapters.base import ProviderOptions, create_provider
     from ..data.truthfulqa_sample import load_sample
+    from ..evaluation.datasets import read_questions_jsonl
 
     check_outputs(args)
     if args.limit > SAMPLE_SIZE:
         raise InputError(f"--limit {args.limit}: the shipped sample has {SAMPLE_SIZE} questions")
-    args.expert, args.anti_expert = [args.expert_spec], [args.anti_spec]
-    questions = load_sample()[: args.limit]
     t0 = time.perf_counter()
+    anti = args.anti_spec or DEFAULT_EXPERT_BASE
+    expert = args.expert_spec or str(demo_expert(anti, args.threads, args.quiet))
+    args.expert, args.anti_expert = [expert], [anti]
+    facts, _ = read_questions_jsonl(_data(FACTS))
+    unrelated = load_sample()[: args.limit]
     print(
         f"base (top-{args.top_logprobs} log-probs only, in-process llama.cpp): {args.base}", file=sys.stderr
     )
     provider = create_provider(
         "llama-cpp", ProviderOptions(args.base, endpoint=args.endpoint, threads=args.threads)
     )
-    print(f"expert pair: {args.expert_spec} - {args.anti_spec}, alpha {args.alpha}", file=sys.stderr)
+    print(
+        f"expert pair: {expert} - {anti}, alpha {args.alpha}, {args.expert_scoring} scoring", file=sys.stderr
+    )
     try:
-        df = run_job(args, questions, provider=provider, resumable=False).table
+        df = run_job(args, [*facts, *unrelated], provider=provider, resumable=False).table
     finally:
         provider.close()
     elapsed = time.perf_counter() - t0
-    print(table(df))
-    ok = df[df["error"].astype(str) == ""]
-    n = len(ok)
-    base_acc = (ok["base_letter"] == ok["gold_letter"]).sum()
-    steer_acc = (ok["steered_letter"] == ok["gold_letter"]).sum()
+    fact_ids = {q.id for q in facts}
+    fdf, udf = df[df["id"].isin(fact_ids)], df[~df["id"].isin(fact_ids)]
+    print("Questions about the invented facts the expert was tuned on:")
+    print(table(fdf))
     print()
     print(
-        f"TruthfulQA MC1 sample, {n} questions ({len(df) - n} errors), alpha {args.alpha}, policy {args.missing}"
+        f"base {args.base} (top-{args.top_logprobs} only), steered by ({expert} - {anti}), alpha {args.alpha}:"
     )
-    print(f"base    {args.base:<32} accuracy {base_acc / max(n, 1):.3f} ({base_acc}/{n})")
-    print(
-        f"steered {'+ (' + args.expert_spec + ' - ' + args.anti_spec + ')':<32} accuracy "
-        f"{steer_acc / max(n, 1):.3f} ({steer_acc}/{n})"
-    )
-    print(
-        f"changed answers: {(ok['base_letter'] != ok['steered_letter']).sum()}; "
-        f"questions with an option outside the top-{args.top_logprobs}: {(ok['n_missing'] > 0).sum()}; "
-        f"{elapsed:.0f} s"
-    )
-    if args.expert_spec == DEFAULT_EXPERT and args.anti_spec == DEFAULT_ANTI:
-        print(
-            "note: the default pair is two different packaged models, not a model and its fine-tuned "
-            "twin, so the offset measures their difference, not a tuning; make a real expert with "
-            "`blackbox-proxy train-expert` and pass it with --expert/--anti-expert."
-        )
+    print(accuracy_line("facts the base cannot know", fdf))
+    print(accuracy_line("unrelated (TruthfulQA MC1 sample)", udf))
+    print(f"{elapsed:.0f} s in all; per-question rows: --out FILE.csv")
     if args.out:
         print(f"wrote {args.out}")
     return 0
@@ -100,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="offline demo: an in-process top-k-only base steered by a packaged expert pair on TruthfulQA",
+        help="offline demo: a top-k-only base steered by an expert tuned here on facts it cannot know",
         description=__doc__,
     )
     p.add_argument(
@@ -109,21 +151,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--expert",
         dest="expert_spec",
-        default=DEFAULT_EXPERT,
-        help=f"expert model spec (default {DEFAULT_EXPERT})",
+        help="expert model spec (default: SmolLM2 tuned on the shipped documents, trained on first use)",
     )
     p.add_argument(
         "--anti-expert",
         dest="anti_spec",
-        default=DEFAULT_ANTI,
-        help=f"anti-expert model spec (default {DEFAULT_ANTI})",
+        help=f"anti-expert model spec (default {DEFAULT_EXPERT_BASE}, the expert's untouched twin)",
     )
     p.add_argument(
         "--limit",
         "--n",
         type=positive_int,
         default=SAMPLE_SIZE,
-        help=f"number of sample questions, at most {SAMPLE_SIZE} (default {SAMPLE_SIZE})",
+        help=f"unrelated sample questions, at most {SAMPLE_SIZE} (default {SAMPLE_SIZE})",
     )
     p.add_argument("--alpha", default="1", help="steering strength (default 1)")
     p.add_argument(
@@ -140,16 +180,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--strategy", choices=STRATEGIES, default="proxy", help="fusion strategy (default proxy)")
     p.add_argument(
-        "--expert-backend", default="auto", choices=("auto", "transformers", "llama-cpp"), help="pair backend"
-    )
-    p.add_argument(
         "--expert-scoring",
         choices=SCORING_MODES,
-        default="letters",
-        help="what the pair scores: option letters or option texts",
+        default="options",
+        help="what the pair scores: option texts (default; the expert learned facts as text) or letters",
     )
     p.add_argument("--option-calibration", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION)
     p.add_argument("--debias", choices=DEBIAS_METHODS, default="none", help="letter-bias correction")
+    p.add_argument(
+        "--expert-backend", default="auto", choices=("auto", "transformers", "llama-cpp"), help="pair backend"
+    )
     p.add_argument(
         "--batch-size", type=positive_int, default=8, help="questions per expert forward pass (default 8)"
     )
@@ -159,5 +199,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="also write the per-question results to this CSV")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(
-        func=run, no_chat_template=False, chunk_size=None, concurrency=None, run_dir=None, sweep=None
+        func=run,
+        no_chat_template=False,
+        chunk_size=None,
+        concurrency=None,
+        run_dir=None,
+        sweep=None,
+        score_cache=None,
+        no_score_cache=False,
     )

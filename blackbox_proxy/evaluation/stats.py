@@ -81,7 +81,8 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p itself (rounding can put centre - half a hair above 0 when p = 0)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def accuracy(correct: Sequence[Any], name: str = "", level: float = 0.95) -> Accuracy:
