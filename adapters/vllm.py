@@ -308,7 +308,6 @@ class VLLMChatProvider(_VLLMCalls, ContinueChatProvider):
         options.setdefault("max_k", None)
         super().__init__(model, base_url, api_key, **options)
         self._vllm_init(max_ids, with_top_k, variants)
-        self._supported = True  # continue_final_message: vLLM honours it (no probe request needed)
 
     def exact_params(self, prompt: Prompt, ids: Sequence[int]) -> dict[str, Any]:
         """The request for the log-probs of token ``ids`` at the first generated position."""

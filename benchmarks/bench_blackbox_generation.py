@@ -116,9 +116,17 @@ def run_mode(
     provider: Any, pairs: list[Any], prompts: list[str], args: argparse.Namespace, spec: bool
 ) -> list[Any]:
     from blackbox_proxy.blackbox_decoding import BlackBoxProxyGenerator
+    from blackbox_proxy.errors import BlackboxProxyError
 
     gen = BlackBoxProxyGenerator(provider, pairs, top_logprobs=args.k, speculative=spec)
-    return [gen.generate(p, max_new_tokens=args.tokens) for p in prompts]
+    out = []
+    for p in prompts:
+        try:
+            out.append(gen.generate(p, max_new_tokens=args.tokens))
+        except BlackboxProxyError as exc:  # keep what was generated, say why it stopped
+            print(f"{p!r}: stopped early: {exc}", file=sys.stderr)
+            out.append(exc.partial)  # type: ignore[attr-defined]
+    return out
 
 
 def white_box(

@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--n-arc", type=int, default=50)
     ap.add_argument("--n-mmlu", type=int, default=50)
     ap.add_argument("--port", type=int, default=8731)
-    ap.add_argument("--sweep", default="0,0.5,1,2")
+    ap.add_argument("--sweep", default="1,0.5,2", help="alphas; the first is the main column (default 1)")
     ap.add_argument("--calibration", default=None, help="--option-calibration (default: the CLI's)")
     ap.add_argument("--train-args", default="", help="extra train-expert flags (default: none)")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSONL", help="more question sets")

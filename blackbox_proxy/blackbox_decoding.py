@@ -452,8 +452,11 @@ class BlackBoxProxyGenerator:
     ``ContinueChatProvider``, ``LlamaCppTopKProvider``); ``pairs`` are :class:`~blackbox_proxy.
     experts.ExpertPair` (= ``decoding.ProxyPair``) objects whose models are FullLogitsModels.
     ``top_logprobs`` is k; ``speculative=False`` asks one token per call. ``block_size`` is the
-    first block's length; later blocks adapt between ``min_block`` and ``max_block``.
+    first block's length; later blocks adapt between ``min_block`` and ``max_block``. After
+    :meth:`stream`, ``last`` holds that generation's full result (text, accounting).
     """
+
+    last: BlackBoxGeneration | None = None
 
     def __init__(
         self,

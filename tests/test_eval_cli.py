@@ -222,3 +222,20 @@ def test_base_without_logprobs_is_an_error_row_that_resume_retries(fault_server,
     assert fault_server.count == 4 and again.requests == 1
     assert t2.loc["q1", "error"] == "" and t2.loc["q1", "base_letter"] == "A"
     assert t2.loc[["q0", "q2"]].equals(t.loc[["q0", "q2"]])
+
+
+def test_controls_carry_no_question_knowledge() -> None:
+    """The mean-offset control gives every question the same offsets; with all questions alike it
+    equals the proxy, and the shuffled control keeps the multiset of offsets."""
+    from blackbox_proxy.evaluation.runner import control_records
+
+    recs = [_record(f"q{i}", "C") for i in range(4)]
+    mean = control_records(recs, (2.0,), "mean")
+    for m in mean:
+        want = {k: 2.0 * (EXPERT[k] - ANTI[k]) for k in EXPERT}
+        assert m.pairs[0].offsets() == pytest.approx(want)
+    res = EvalResult(recs, (0.5, 1.0), alphas=(2.0,))
+    s = res.summary().set_index("system")
+    assert s.loc["mean-offset control a=1", "accuracy"] == s.loc["proxy a=1", "accuracy"]
+    assert s.loc["shuffled-offset control a=0.5", "accuracy"] == s.loc["proxy a=0.5", "accuracy"]
+    assert res.table()["alpha"].tolist() == ["2"] * 4  # the main columns are at --alpha, not the sweep

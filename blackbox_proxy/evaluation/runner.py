@@ -165,7 +165,8 @@ class EvalResult:
     def table(self, sweep: Sequence[float] | None = None) -> pd.DataFrame:
         """The per-question results table (one :func:`~blackbox_proxy.rerank.record_row` per question).
 
-        ``steered_letter`` is the answer at the first sweep value; with debiasing, ``base_letter`` and
+        ``steered_letter`` is the answer at the per-pair ``alphas`` (``--alpha``); the sweep adds
+        ``steered_letter@s`` columns. With debiasing, ``base_letter`` and
         every steered answer start from the debiased base (``raw_base_letter`` is the base as observed).
         """
         sw = tuple(sweep) if sweep is not None else self.sweep_values
@@ -175,7 +176,7 @@ class EvalResult:
             policy=self.policy,
             strategy=self.strategy,
             sweep=sw,
-            scale=sw[0] if sw else 1.0,
+            scale=1.0,
             base_overrides=self.base_overrides(),
         )
 
@@ -193,7 +194,12 @@ class EvalResult:
         sw = tuple(sweep) if sweep is not None else self.sweep_values
         recs = control_records(self.records, self.alphas or (), kind, seed)
         return records_table(
-            recs, (sw[0] if sw else 1.0,), policy=self.policy, strategy=self.strategy, sweep=sw
+            recs,
+            (1.0,),  # the control offsets already carry the per-pair alphas; the sweep scales them
+            policy=self.policy,
+            strategy=self.strategy,
+            sweep=sw,
+            base_overrides=self.base_overrides(),
         )
 
     def summary(
