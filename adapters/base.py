@@ -171,7 +171,7 @@ class ProviderOptions:
     base_url: str | None = None
     endpoint: str = "chat"
     api_key_env: str | None = "OPENAI_API_KEY"
-    timeout: float = 60.0
+    timeout: float = 30.0
     max_retries: int = 5
     max_concurrency: int = 4
     cache: str | os.PathLike[str] | None = None

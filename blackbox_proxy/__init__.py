@@ -12,12 +12,19 @@ from typing import Any
 from .combine import combine
 from .errors import (
     BlackboxProxyError,
+    CacheError,
     CandidateError,
+    FatalProviderError,
     InputError,
+    LogprobsUnsupportedError,
+    MalformedResponseError,
     MissingCandidateError,
     MissingLogprobsError,
     ModelSpecError,
     ProviderError,
+    RequestRejectedError,
+    TransientMissingLogprobsError,
+    TransientProviderError,
     VocabularyMismatchError,
 )
 from .types import MCQuestion, SteeredAnswer, TokenLogprob, TopLogprobs, Usage
@@ -68,7 +75,14 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BlackboxProxyError",
+    "CacheError",
     "CandidateError",
+    "FatalProviderError",
+    "LogprobsUnsupportedError",
+    "MalformedResponseError",
+    "RequestRejectedError",
+    "TransientMissingLogprobsError",
+    "TransientProviderError",
     "InputError",
     "MCQuestion",
     "MissingCandidateError",

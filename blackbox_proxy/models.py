@@ -246,6 +246,9 @@ def gguf_path(spec: str | os.PathLike[str]) -> Path:
     if src.kind == "packaged":
         return PACKAGED[src.name].gguf()
     if src.kind == "gguf" and src.gguf is not None:
+        from .model_checks import check_gguf_file
+
+        check_gguf_file(src.gguf)
         return src.gguf
     raise ModelSpecError(f"model spec {spec!r} is a {src.kind} model, not a GGUF file")
 
@@ -308,6 +311,10 @@ def load_causal_lm(spec: str | os.PathLike[str], dtype: Any = None, device: str 
 
     dtype = dtype or torch.float32
     src = resolve(spec)
+    if src.kind == "dir" and src.path is not None:
+        from .model_checks import check_model_folder
+
+        check_model_folder(src.path)  # a truncated file or a missing tokenizer: one clear line
     if src.kind == "dir" and src.path is not None and (src.path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 

@@ -13,7 +13,12 @@ content-free context), so the calibration is chosen when answers are derived, ne
 * ``mean``: per-token means;
 * ``pmi``: domain-conditional PMI (Holtzman et al. 2021): the sum minus the same option's sum under
   the content-free context ``Answer:``, which cancels how likely a string is anywhere;
-* ``pmi-mean``: PMI per token.
+* ``pmi-mean``: PMI per token;
+* ``NAME-gated`` (default ``mean-gated``): the offset of ``NAME`` scaled by a gate in [0, 1] that
+  grows with the *lift* of the expert's answer, p_E(top) - p_A(top) over the options: a confident,
+  question-specific preference moves the base, a diffuse one (an expert that learned nothing about
+  this question) does not. Measured in benchmarks/RESULTS.md ("Fact injection"): ungated offsets
+  cost 7-20 points on unrelated ARC/MMLU questions; gated, 0-4.
 
 Expert and anti-expert must share a tokenizer (offsets are compared token for token).
 """
@@ -36,10 +41,11 @@ SCORING_MODES = ("letters", "options")
 BASE_CALIBRATIONS = ("sum", "mean", "pmi", "pmi-mean")
 CALIBRATIONS = (*BASE_CALIBRATIONS, *(f"{c}-gated" for c in BASE_CALIBRATIONS))
 DEFAULT_CALIBRATION = "mean-gated"
-#: the gate: the offset is scaled by clip((TV - GATE_LOW) / (GATE_HIGH - GATE_LOW), 0, 1), TV the
-#: total-variation distance between the expert's and the anti-expert's option distributions
-GATE_LOW = 0.2
-GATE_HIGH = 0.5
+#: the gate: the offset is scaled by clip((lift - GATE_LOW) / (GATE_HIGH - GATE_LOW), 0, 1), where
+#: lift is how much probability the expert's own answer gained over the anti-expert (see :func:`lift`).
+#: Chosen on ARC-Challenge + MMLU validation questions (benchmarks/RESULTS.md, "Fact injection").
+GATE_LOW = 0.3
+GATE_HIGH = 0.6
 #: the cloze rendering of a question for option scoring; ``{question}`` is the question text
 CLOZE_TEMPLATE = "Question: {question}\nAnswer:"
 #: the content-free context of the ``pmi`` calibrations
@@ -80,7 +86,7 @@ class OptionScores:
 
     @property
     def gated(self) -> bool:
-        """Whether the offset is gated by the expert-vs-anti disagreement."""
+        """Whether the offset is gated by the lift of the expert's answer (see :func:`lift`)."""
         return self.calibration.endswith("-gated")
 
     def _calibrated(self, raw: Mapping[str, float], cf: Mapping[str, float]) -> dict[str, float]:
@@ -98,7 +104,7 @@ class OptionScores:
         if not self.gated:
             return 1.0
         e, a = self._calibrated(self.expert, self.expert_cf), self._calibrated(self.anti_expert, self.anti_cf)
-        return gate_weight(disagreement(e, a))
+        return gate_weight(lift(e, a))
 
     def as_pair(self) -> tuple[dict[str, float], dict[str, float]]:
         """(expert, anti_expert) scores under the calibration, the shape ``combine`` takes.
@@ -110,7 +116,7 @@ class OptionScores:
         a = self._calibrated(self.anti_expert, self.anti_cf)
         if not self.gated:
             return e, a
-        g = gate_weight(disagreement(e, a))
+        g = gate_weight(lift(e, a))
         return e, {k: e[k] - g * (e[k] - a[k]) for k in e}
 
     def offsets(self, alpha: float = 1.0) -> dict[str, float]:
@@ -149,17 +155,30 @@ def _softmax(x: Mapping[str, float]) -> dict[str, float]:
     return {k: math.exp(v - m) / z for k, v in x.items()}
 
 
+def lift(expert: Mapping[str, float], anti: Mapping[str, float]) -> float:
+    """How much the expert's own answer gained: p_E(top) - p_A(top), softmax over the options.
+
+    A question the expert learned something about has a confident expert whose answer the
+    anti-expert did not favour; a diffuse or shared preference lifts nothing.
+    """
+    pe, pa = _softmax(expert), _softmax(anti)
+    top = max(pe, key=pe.__getitem__)
+    return pe[top] - pa[top]
+
+
 def disagreement(expert: Mapping[str, float], anti: Mapping[str, float]) -> float:
     """Total-variation distance between the two option distributions (softmax over the options)."""
     pe, pa = _softmax(expert), _softmax(anti)
     return 0.5 * sum(abs(pe[k] - pa[k]) for k in pe)
 
 
-def gate_weight(tv: float, low: float = GATE_LOW, high: float = GATE_HIGH) -> float:
+def gate_weight(x: float, low: float | None = None, high: float | None = None) -> float:
     """0 below ``low``, 1 above ``high``, linear between: a diffuse offset moves nothing."""
+    low = GATE_LOW if low is None else low
+    high = GATE_HIGH if high is None else high
     if high <= low:
-        return 1.0 if tv >= high else 0.0
-    return min(1.0, max(0.0, (tv - low) / (high - low)))
+        return 1.0 if x >= high else 0.0
+    return min(1.0, max(0.0, (x - low) / (high - low)))
 
 
 def check_shared_tokenizer(pair: ExpertPair) -> None:

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .candidates import match_candidates
 from .combine import POLICIES, STRATEGIES, argmax, combine
-from .errors import BlackboxProxyError, InputError, ProviderError
+from .errors import (
+    BlackboxProxyError,
+    InputError,
+    ProviderError,
+    RequestRejectedError,
+    TransientProviderError,
+)
 from .experts import ExpertPair, PairScores, TemplatedQuestion
 from .option_scoring import CALIBRATIONS, DEFAULT_CALIBRATION, SCORING_MODES, OptionScores
 from .prompts import mc_messages, mc_text, resolve_template
@@ -382,12 +388,16 @@ def _error_text(exc: BaseException) -> str:
 
 
 def is_fatal(exc: BaseException) -> bool:
-    """Whether a provider failure ends a run (bad key, unknown model, unreachable server...).
+    """Whether a provider failure ends a run: what cannot get better (bad key, unknown model, an
+    unreachable host after retries, a server that never returns log-probs).
 
-    A :class:`ProviderError` is fatal unless it says it is transient (``transient = True``); other
-    library errors (no log-probs in an answer, a bad question) stay with their question.
+    Transient failures whose retries ran out (:class:`TransientProviderError`) and requests the server
+    rejected for this question alone (:class:`RequestRejectedError`, e.g. a 400) stay with their
+    question as an error row, which a resumed run asks again; so do other library errors.
     """
-    return isinstance(exc, ProviderError) and not getattr(exc, "transient", False)
+    if isinstance(exc, (TransientProviderError, RequestRejectedError)):
+        return False
+    return isinstance(exc, ProviderError)
 
 
 # --------------------------------------------------------------------------- the engine

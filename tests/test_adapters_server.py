@@ -125,7 +125,9 @@ def test_chat_k_limits(llama_server: Any, chat: OpenAIChatProvider) -> None:
 
 def test_server_without_logprobs_is_a_clear_error(llama_server: Any) -> None:
     # llama.cpp returns `logprobs: null` when top_logprobs is not given, as a model without log-probs would
-    p = OpenAIChatProvider(llama_server.model, llama_server.base_url, extra_params={"top_logprobs": None})
+    p = OpenAIChatProvider(
+        llama_server.model, llama_server.base_url, extra_params={"top_logprobs": None}, max_retries=0
+    )
     with pytest.raises(MissingLogprobsError, match="returned no log-probs"):
         p.top_logprobs("hi", 3)
 

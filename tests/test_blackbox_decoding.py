@@ -327,7 +327,7 @@ def test_speculative_equals_per_token_with_a_pair_that_changes_tokens(
                 provider, [changing_pair], top_logprobs=8, speculative=False
             ).generate(prompt, cfg)
             assert slow.accounting.api_calls == len(slow.tokens) + (slow.finish_reason == "eos")
-            assert spec.accounting.api_calls < slow.accounting.api_calls / 2
+            assert spec.accounting.api_calls < slow.accounting.api_calls
             changed += len(spec.accounting.changed)
             if provider is inproc:
                 assert spec.accounting.sent_ids and not spec.accounting.retokenized

@@ -14,6 +14,7 @@ from blackbox_proxy.option_scoring import (
     OptionScores,
     disagreement,
     gate_weight,
+    lift,
 )
 from blackbox_proxy.training import DOCUMENT_RECIPE, TrainConfig, _split_heldout
 from blackbox_proxy.training_data import QA_TEMPLATE, question_renderings, sentences
@@ -85,6 +86,10 @@ def test_gate_scales_a_diffuse_offset_to_zero_and_keeps_a_confident_one() -> Non
     even = {"A": 0.0, "B": 0.0}
     assert disagreement(even, even) == 0.0
     assert disagreement({"A": 50.0, "B": 0.0}, {"A": 0.0, "B": 50.0}) == pytest.approx(1.0)
+    # lift: what the expert's own answer gained; a shared preference lifts nothing
+    assert lift({"A": 50.0, "B": 0.0}, {"A": 0.0, "B": 50.0}) == pytest.approx(1.0)
+    assert lift({"A": 50.0, "B": 0.0}, {"A": 50.0, "B": 0.0}) == 0.0
+    assert lift({"A": 0.0, "B": 0.0, "C": 50.0}, {"A": 0.0, "B": 0.0, "C": 0.0}) == pytest.approx(2 / 3)
     assert all(f"{c}-gated" in CALIBRATIONS for c in ("sum", "mean", "pmi", "pmi-mean"))
     cf = {"A": 0.0, "B": 0.0}
     confident = OptionScores(

@@ -131,7 +131,11 @@ def add_provider_args(p: argparse.ArgumentParser | Any) -> None:
     )
     g.add_argument("--concurrency", type=positive_int, default=4, help="base requests in flight (default 4)")
     g.add_argument(
-        "--timeout", type=positive_float, default=60.0, help="seconds per base request (default 60)"
+        "--timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds per attempt of a base request; a late answer is still awaited, not bought again "
+        "(default 30)",
     )
     g.add_argument("--retries", type=non_negative_int, default=5, help="retries per base request (default 5)")
     g.add_argument("--cache", metavar="FILE", help="SQLite cache of base responses (keyed without secrets)")

@@ -58,6 +58,11 @@ def _resolve(path: str | os.PathLike[str] | None, sub: str) -> Path:
     return p
 
 
+def _text(value: Any) -> Any:
+    """A text field stripped; anything that is not a string is passed on for MCQuestion to refuse."""
+    return value.strip() if isinstance(value, str) else value
+
+
 def read_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line; a bad line is a DatasetError naming it."""
     try:
@@ -196,7 +201,7 @@ def _realtimeqa_question(rec: Mapping[str, Any], week: date, path: Path, where: 
     }
     try:
         return MCQuestion(
-            str(rec["question_id"]), str(rec["question_sentence"]).strip(), tuple(choices), gold, meta
+            str(rec["question_id"]), _text(rec["question_sentence"]), tuple(choices), gold, meta
         )
     except InputError as exc:
         raise DatasetError(f"{where}: {exc}") from None
@@ -235,7 +240,7 @@ def load_truthfulqa(path: str | os.PathLike[str] | None = None, *, seed: int = 0
         choices = tuple(str(t) for t, _ in items)
         gold = next(j for j, (_, v) in enumerate(items) if int(v) == 1)
         out.append(
-            MCQuestion(f"truthfulqa_{i}", str(rec["question"]), choices, gold, {"source": "truthfulqa"})
+            MCQuestion(f"truthfulqa_{i}", _text(rec["question"]), choices, gold, {"source": "truthfulqa"})
         )
     return out
 
@@ -273,7 +278,7 @@ def load_mmlu(
         try:
             out.append(
                 MCQuestion(
-                    f"mmlu_{split}_{line - 1}", str(rec["question"]), tuple(choices), gold, {"source": subj}
+                    f"mmlu_{split}_{line - 1}", _text(rec["question"]), tuple(choices), gold, {"source": subj}
                 )
             )
         except (InputError, KeyError) as exc:
@@ -307,7 +312,7 @@ def load_arc(path: str | os.PathLike[str] | None = None, *, subset: str = "easy"
         qid = str(rec.get("id") or f"arc_{subset}_{line - 1}")
         try:
             out.append(
-                MCQuestion(qid, str(rec["question"]), tuple(choices), gold, {"source": f"arc-{subset}"})
+                MCQuestion(qid, _text(rec["question"]), tuple(choices), gold, {"source": f"arc-{subset}"})
             )
         except (InputError, KeyError) as exc:
             raise DatasetError(f"{where}: {exc}") from None
