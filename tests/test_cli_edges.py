@@ -92,7 +92,10 @@ def test_unusable_out_is_refused_before_any_work(tmp_path: Path, capsys: Any, ou
 
 
 def test_missing_out_folder_is_created_first(tmp_path: Path) -> None:
-    assert _rc([*MC, str(_write(tmp_path / "q.jsonl", QS)), "--out", str(tmp_path / "new" / "dir" / "r.csv")]) == 0
+    assert (
+        _rc([*MC, str(_write(tmp_path / "q.jsonl", QS)), "--out", str(tmp_path / "new" / "dir" / "r.csv")])
+        == 0
+    )
     assert len(pd.read_csv(tmp_path / "new" / "dir" / "r.csv")) == 4
 
 

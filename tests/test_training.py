@@ -182,8 +182,9 @@ def test_config_validation_and_cli_errors(tmp_path: Path, capsys: pytest.Capture
             TrainConfig(**kw).validate()
     assert TrainConfig().learning_rate == 5e-5 and TrainConfig(lora=True).learning_rate == 2e-4
     data = _facts_file(tmp_path / "facts.jsonl")
-    rc = main(["train-expert", BASE, str(data), "--out", str(tmp_path / "o"), "--lr", "-0.1"])
-    assert rc == 2 and "lr must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse refuses the value itself
+        main(["train-expert", BASE, str(data), "--out", str(tmp_path / "o"), "--lr", "-0.1"])
+    assert exc.value.code == 2 and "--lr" in capsys.readouterr().err
     rc = main(["train-expert", BASE, str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     done = tmp_path / "done"
