@@ -53,11 +53,15 @@ def main() -> None:
             observed = {q.id: scores[q.id] for q in qs}
             extra = {k: v for k, v in scores.items() if k not in observed}
             gold = [q.gold_letter or "" for q in qs]
+            follow = follow_rate(qs, observed, extra)
+            print(
+                f"{ds}: the chosen option moved with the shift in {follow:.3f} of shifted prompts", flush=True
+            )
 
             for method in ("none", "calibrate", "permute"):
                 p = db.plan(method, qs)
                 r = db.apply(p, observed, {e.key: extra[e.key] for e in p.extra})
-                rows.append(row(ds, qs, method, r))
+                rows.append(row(ds, qs, method, r, follow_rate=follow))
                 priors[f"{ds}/{method}"] = r.prior
             for f in fractions:
                 accs, results = [], []
@@ -91,6 +95,19 @@ def main() -> None:
         Path(args.out).write_text(
             json.dumps({"template": template.name, "rows": rows, "priors": priors}, indent=1)
         )
+
+
+def follow_rate(qs: list, observed: dict, extra: dict) -> float:
+    """Share of (question, shift >= 1) whose chosen option (letters mapped back) is the unshifted choice."""
+    hits = total = 0
+    for q in qs:
+        labs = q.labels
+        ref = max(labs, key=observed[q.id].__getitem__)
+        for s in range(1, len(labs)):
+            back = db.unshift(extra[f"{q.id}#cyc{s}"], s, labs)
+            hits += int(max(labs, key=back.__getitem__) == ref)
+            total += 1
+    return hits / total
 
 
 def row(ds: str, qs: list, method: str, r: db.DebiasResult, acc: float | None = None, **kw: object) -> dict:

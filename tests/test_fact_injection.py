@@ -90,10 +90,14 @@ def test_trained_expert_moves_fact_answers_through_the_cli(llama_server: Any, tm
     assert card["format"] == "lora-adapter" and card["config"]["renderings"] and card["config"]["replay"] > 0
     assert card["data_counts"]["renderings"] > 10 and card["data_counts"]["replay_sequences"] >= 8
     log = card["eval_log"]
-    assert log[0]["step"] == 0 and log[-1]["step"] == summary["best_step"] and len(log) >= 5
-    assert log[-1]["general_loss"] < log[0]["general_loss"] + 0.15  # general text is not forgotten
+    best = next(r for r in log if r["step"] == summary["best_step"])  # the weights that were saved
+    assert log[0]["step"] == 0 and len(log) >= 4 and card["best_step"] == best["step"] > 0
+    assert best["general_loss"] <= log[0]["general_loss"] + 0.15  # general text is not forgotten
+    if card["early_stop"]:
+        assert "general loss rose" in card["early_stop"] and best["step"] < log[-1]["step"]
     assert (expert / "training_log.csv").read_text().startswith("step,epoch,train_loss")
-    assert card["losses"][-1] < 0.6 * card["losses"][0]
+    first, last = card["losses"][:5], card["losses"][-5:]
+    assert sum(last) / len(last) < 0.75 * sum(first) / len(first)  # the documents were learned
 
     pair = ["--expert", str(expert), "--anti-expert", BASE, "--expert-scoring", "options"]
     server = ["--base-url", llama_server.base_url, "--model", llama_server.model, "--threads", "2"]

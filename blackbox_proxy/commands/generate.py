@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             max_block=max(args.block_size, 32),
         )
-        if provider is not None and getattr(provider, "endpoint", "") == "chat":
+        if provider is not None and provider.endpoint == "chat":
             messages: Any = [{"role": "user", "content": prompt}]
             prompt = messages
     else:

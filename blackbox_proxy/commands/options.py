@@ -108,7 +108,12 @@ def add_provider_args(p: argparse.ArgumentParser | Any) -> None:
         metavar="VAR",
         help="environment variable holding the API key (default OPENAI_API_KEY); never give the key itself",
     )
-    g.add_argument("--endpoint", choices=("chat", "completions"), default="chat", help="default chat")
+    g.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        default="chat",
+        help="prompt form (default %(default)s)",
+    )
     g.add_argument(
         "--prompt-template",
         metavar="NAME|FILE",
