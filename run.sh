@@ -6,6 +6,8 @@
 #   ./run.sh setup            only install
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+# vLLM (the CPU build) lives in its own venv, .venv-vllm/, for the vLLM server tests
+source scripts/install_vllm.sh
 
 PY=${PYTHON:-python3}
 VENV=.venv
@@ -40,8 +42,8 @@ PYEOF
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    setup) setup ;;
+    setup) setup; install_vllm ;;
     demo) setup; exec "$VENV/bin/blackbox-proxy" demo "$@" ;;
-    test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+    test) setup; install_vllm; exec "$VENV/bin/python" -m pytest "$@" ;;
     *) echo "usage: ./run.sh demo [flags] | test [pytest args] | setup" >&2; exit 2 ;;
 esac

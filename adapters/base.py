@@ -196,7 +196,7 @@ class ProviderOptions:
 ProviderFactory = Callable[[ProviderOptions], TopLogprobsProvider]
 
 _REGISTRY: dict[str, ProviderFactory] = {}
-_BUILTIN_MODULES = ("openai_chat", "openai_completions", "llama_cpp_inprocess")
+_BUILTIN_MODULES = ("openai_chat", "openai_completions", "llama_cpp_inprocess", "vllm")
 _loaded_builtins = False
 
 

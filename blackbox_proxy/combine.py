@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from .candidates import logsumexp
 from .errors import InputError, MissingCandidateError
 
-POLICIES = ("floor", "exclude", "error")
+#: ``exact``: the provider returns every candidate's own log-prob (vLLM); a candidate still missing
+#: is then an error, as under ``error``
+POLICIES = ("floor", "exclude", "error", "exact")
 STRATEGIES = ("proxy", "expert_additive", "interpolate", "entropy_gated")
 
 Scores = Mapping[str, float]
@@ -84,7 +86,7 @@ def fill_missing(
     present = {k: float(v) for k, v in base.items() if v is not None}
     if not missing:
         return present, missing, {}
-    if policy == "error":
+    if policy in ("error", "exact"):
         raise MissingCandidateError(
             f"candidates {list(missing)} are not in the base's top log-probs (policy 'error')"
         )

@@ -470,6 +470,12 @@ class Reranker:
         endpoint = endpoint or provider.endpoint
         if endpoint not in ("chat", "completions"):
             raise InputError(f"unknown endpoint {endpoint!r}; choose chat or completions")
+        if policy == "exact" and "exact" not in provider.capabilities:
+            raise InputError(
+                f"provider {provider.kind!r} lacks the 'exact' capability (the log-probs of named candidate "
+                "tokens): the 'exact' missing-candidate policy needs a vLLM server (--provider vllm); "
+                "use --missing floor or exclude otherwise"
+            )
         self.policy, self.strategy, self.k, self.endpoint = policy, strategy, k, endpoint
         self.prompt = prompt
         conc = base_concurrency or provider.max_concurrency or 1
@@ -495,6 +501,7 @@ class Reranker:
             else getattr(self.prompt, "__name__", "custom"),
             "pairs": [p.identity() for p in self.pairs],
             "expert_scoring": self.expert_scoring,
+            "exact_candidates": self.policy == "exact",
         }
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -622,7 +629,10 @@ class Reranker:
                     )
                 async with sem:
                     self.requests += 1
-                    top = await self.provider.atop_logprobs(prompt, self.k)
+                    if self.policy == "exact":  # every option's own log-prob (capability checked above)
+                        top = await self.provider.atop_logprobs(prompt, self.k, candidates=q.labels)  # type: ignore[call-arg]
+                    else:
+                        top = await self.provider.atop_logprobs(prompt, self.k)
             except BlackboxProxyError as exc:
                 if is_fatal(exc):
                     raise

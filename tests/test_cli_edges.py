@@ -178,3 +178,9 @@ def test_sweep_plot_into_a_missing_folder_and_demo_limit(tmp_path: Path, capsys:
     _one_line(capsys, "is a file, not a folder")
     assert _rc(["demo", "--limit", "100"]) == 2
     _one_line(capsys, "the shipped sample has 40 questions")
+
+
+def test_exact_policy_needs_the_capability(tmp_path: Path, capsys: Any) -> None:
+    q = _write(tmp_path / "q.jsonl", QS)
+    assert _rc([*MC, str(q), "--missing", "exact", "--out", str(tmp_path / "r.csv")]) == 2
+    _one_line(capsys, "lacks the 'exact' capability", "vLLM")

@@ -336,3 +336,40 @@ QUANT_TOL = 0.4
 def test_log_probs_are_finite(chat: VLLMChatProvider) -> None:
     top = chat.top_logprobs(MC, 1, candidates=LABELS)
     assert all(math.isfinite(e.logprob) for e in top.entries)
+
+
+def test_mc_with_exact_policy_through_the_cli(vllm_server: Any, tmp_path: Any) -> None:
+    """`mc --provider vllm --missing exact` at k=1: no option is ever missing, through the engine."""
+    import json
+
+    import pandas as pd
+
+    from blackbox_proxy.cli import main
+
+    qs = [
+        {
+            "id": "mars",
+            "question": "Which planet is known as the Red Planet?",
+            "choices": ["Venus", "Mars", "Io"],
+        },
+        {"id": "sum", "question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1},
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    out = tmp_path / "r.csv"
+    argv = [
+        "mc",
+        str(path),
+        "--provider",
+        "vllm",
+        "--base-url",
+        vllm_server.base_url,
+        "--model",
+        vllm_server.model,
+    ]
+    assert main([*argv, "--missing", "exact", "--top-logprobs", "1", "--out", str(out), "-q"]) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    assert (df["error"] == "").all() and (df["n_missing"] == 0).all()
+    assert all(
+        df.loc[i, f"base_lp_{lab}"] != "" for i, q in enumerate(qs) for lab in "ABCD"[: len(q["choices"])]
+    )

@@ -90,7 +90,8 @@ def test_no_tokenize_route_is_a_capability_error(fault_server: FaultServer) -> N
 def test_async_exact_splits_ids_over_requests(fault_server: FaultServer) -> None:
     fault_server.push(tok(49), tok(330), tok(50), tok(389))
     fault_server.push(exact_chat(49, [(49, -0.3), (330, -4.0)]), exact_chat(49, [(50, -2.0), (389, -6.0)]))
-    p = provider(fault_server, with_top_k=False, max_ids=2)
+    # one request at a time: the scripted replies follow the order the requests arrive in
+    p = provider(fault_server, with_top_k=False, max_ids=2, max_concurrency=1)
     top = asyncio.run(p.atop_logprobs(MSGS, 1, candidates=("A", "B")))
     assert top.usage is not None and top.usage.requests == 2
     assert top.chosen is not None and top.chosen.token == "A" and top.chosen.id == 49
