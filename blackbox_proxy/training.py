@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import iter_jsonl
 from .training_data import (
     IGNORE,
     BatchPlan,
@@ -534,7 +535,7 @@ def _replay_texts(out: Path, model: Any, tok: Any, cfg: TrainConfig, n: int) -> 
     """Replay texts: from ``replay_data`` or sampled from the untouched model; kept in ``out`` for resume."""
     cache = out / "replay_samples.jsonl"
     if cache.exists():
-        texts = [json.loads(line)["text"] for line in cache.read_text().splitlines() if line.strip()]
+        texts = [str(rec["text"]) for _, rec in iter_jsonl(cache, what="replay samples")]
         if len(texts) == n:
             return texts
     if cfg.replay_data:
