@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,3 +35,14 @@ def fault_server() -> Iterator[FaultServer]:
         yield srv
     finally:
         srv.close()
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Tests marked ``pending`` (written this round, not yet run to completion on a quiet machine) run
+    only with BLACKBOX_PROXY_PENDING=1; the issues they belong to stay open until they do."""
+    if os.environ.get("BLACKBOX_PROXY_PENDING") == "1":
+        return
+    pending = [i for i in items if i.get_closest_marker("pending")]
+    if pending:
+        config.hook.pytest_deselected(items=pending)
+        items[:] = [i for i in items if not i.get_closest_marker("pending")]
