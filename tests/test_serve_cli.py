@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blackbox_proxy.errors import InputError, ProviderError
+from blackbox_proxy.errors import InputError, ModelSpecError, ProviderError
 from blackbox_proxy.server import LocalServer, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -81,10 +81,10 @@ def test_local_server_context_manager_and_crash_report(tmp_path: Path) -> None:
         assert models_at(srv.base_url) == ["named"]
         port = srv.port
     assert not srv.running() and port_is_free(port)
-    # a file that is not a GGUF model: the server dies at start-up and the log tail is shown
+    # a file that is not a GGUF model is refused before any server starts, naming the file
     fake = tmp_path / "broken.gguf"
     fake.write_bytes(b"not a model" * 100)
-    with pytest.raises(ProviderError, match=r"exited with code .* log tail"):
+    with pytest.raises(ModelSpecError, match=r"broken.gguf is not a GGUF model file"):
         LocalServer(fake, "broken").start()
     with pytest.raises(InputError):
         LocalServer("smollm2-135m-instruct", "")
