@@ -57,7 +57,7 @@ def demo_expert(base: str, threads: int, quiet: bool) -> Path:
         print(f"expert: {out} (tuned on the shipped documents; cached)", file=sys.stderr)
         return out
     print(
-        f"tuning the expert: {base} on {docs.name} (default recipe; about 1-2 minutes, once)", file=sys.stderr
+        f"tuning the expert: {base} on {docs.name} ({recipe}; a few minutes, once)", file=sys.stderr
     )
     t0 = time.perf_counter()
     train_expert(base, docs, out, TrainConfig(threads=threads, max_steps=DEMO_STEPS), resume=True)
