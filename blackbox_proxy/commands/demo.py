@@ -56,9 +56,7 @@ def demo_expert(base: str, threads: int, quiet: bool) -> Path:
     if (out / CARD).exists():
         print(f"expert: {out} (tuned on the shipped documents; cached)", file=sys.stderr)
         return out
-    print(
-        f"tuning the expert: {base} on {docs.name} ({recipe}; a few minutes, once)", file=sys.stderr
-    )
+    print(f"tuning the expert: {base} on {docs.name} ({recipe}; a few minutes, once)", file=sys.stderr)
     t0 = time.perf_counter()
     train_expert(base, docs, out, TrainConfig(threads=threads, max_steps=DEMO_STEPS), resume=True)
     print(f"expert tuned in {time.perf_counter() - t0:.0f} s: {out}", file=sys.stderr)
