@@ -200,7 +200,8 @@ def qwen_server() -> Any:
     """Qwen2.5-Coder-1.5B-Instruct served by llama.cpp (the project's "hosted" base).
 
     The smaller models cannot show the property: on these 8 questions SmolLM2-135M's chosen option
-    followed the shift in 2 of 24 prompts and Qwen-0.5B's in 4 of 24 (both answer by position).
+    followed the shift in 2 of 24 prompts (``plain`` template) and Qwen-0.5B's in 4 of 24
+    (``letter-only``) and 1 of 24 (``plain``): both answer by position.
     """
     from blackbox_proxy.server import LocalServer
 
