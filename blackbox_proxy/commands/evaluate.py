@@ -5,15 +5,22 @@ is derived from the stored scores. Results go to ``--out`` (CSV or Parquet by ex
 row schema every command writes, with a summary table on stdout (including the mean-offset and
 shuffled-offset controls). The run directory (``--run-dir``, default ``OUT.run``) makes a killed
 run resumable: re-running the same command skips finished questions and repeats no request.
+
+Ctrl-C or SIGTERM stops a run gracefully: no new base request starts, the answers in flight are
+awaited for up to 5 s (``runner.STOP_GRACE``) and stored, one line says what was kept, and the
+exit status is 130 (SIGINT) or 143 (SIGTERM). A second Ctrl-C quits at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from typing import Any
 
 from ..errors import InputError
 from ..evaluation.datasets import DATASETS, load_dataset
+from ..evaluation.runner import RunStopped, graceful_stop
 from ..evaluation.stats import breakdown, missing_rates
 from ..files import write_table
 from .mcjob import answer_lines, check_outputs, format_summary, run_job
@@ -74,7 +81,12 @@ def load_questions(args: argparse.Namespace) -> list:
 def _run(args: argparse.Namespace) -> int:
     check_outputs(args, inputs=[args.data_dir] if args.data_dir else [])
     qs = load_questions(args)
-    job = run_job(args, qs)
+    try:
+        with graceful_stop():
+            job = run_job(args, qs)
+    except RunStopped as stop:
+        print(f"blackbox-proxy: {stop}", file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if stop.reason == "SIGTERM" else signal.SIGINT)
     result, table = job.result, job.table
     print(
         f"{args.dataset}: {len(table)} questions, model {next((m for m in table['model'] if m), '?')}, "

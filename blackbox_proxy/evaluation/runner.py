@@ -12,16 +12,27 @@ record holds an error. ``run.json`` records what the raw scores depend on (provi
 endpoint, pairs); a restart with other settings is refused. A corrupt line in a store is reported
 with its file and line number and only that record is redone. Gold answers and metadata are not
 part of what was paid for: a resume takes them from the current questions.
+
+Graceful stop: while a :class:`StopRequest` is set (the CLI sets one on Ctrl-C or SIGTERM, see
+:func:`graceful_stop`), no new base request starts, the requests in flight are awaited for up to
+``grace`` seconds (:data:`STOP_GRACE`, 5 s by default) so that every answer already bought lands in
+``base.jsonl``, and the run ends with :class:`RunStopped`, which says what was kept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,9 @@ RUN_FILE = "run.json"
 BASE_FILE = "base.jsonl"
 RESULTS_FILE = "results.jsonl"
 DEBIAS_FILE = "debias.json"
+
+#: seconds a stopped run waits for the base answers in flight to land in the run store
+STOP_GRACE = 5.0
 
 
 def _as_extra(e: Any) -> MCQuestion:
@@ -297,6 +311,137 @@ def summarize(
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------- stopping
+
+
+class StopRequest:
+    """A request to stop a run gracefully (thread- and signal-safe): no new base request starts and
+    those in flight are awaited for up to ``grace`` seconds, so that nothing bought is thrown away."""
+
+    def __init__(self, grace: float = STOP_GRACE) -> None:
+        if not (isinstance(grace, (int, float)) and math.isfinite(grace) and grace >= 0):
+            raise InputError(f"stop grace must be a finite number of seconds >= 0, got {grace!r}")
+        self.grace = float(grace)
+        #: what asked for the stop (e.g. "SIGINT"), None while running
+        self.reason: str | None = None
+        self._event = threading.Event()
+
+    def set(self, reason: str = "stop") -> None:
+        """Ask the run to stop (the first reason given is kept)."""
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """Whether a stop was asked for."""
+        return self._event.is_set()
+
+
+class RunStopped(Exception):
+    """A run ended by a :class:`StopRequest`; ``str()`` is the one line saying what was kept."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        in_flight: int,
+        kept: int,
+        abandoned: int,
+        waited: float,
+        finished: int,
+        total: int,
+        stored: int,
+        run_dir: Path | None,
+    ) -> None:
+        self.reason, self.in_flight, self.kept, self.abandoned = reason, in_flight, kept, abandoned
+        self.waited, self.finished, self.total, self.stored = waited, finished, total, stored
+        self.run_dir = run_dir
+        if run_dir is None:
+            msg = (
+                f"stopped ({reason}) after {finished} of {total} questions; nothing was stored "
+                "(give --out or --run-dir to make a run resumable)"
+            )
+        else:
+            lost = (
+                f", {abandoned} abandoned after {waited:.1f} s (asked again on resume)" if abandoned else ""
+            )
+            msg = (
+                f"stopped ({reason}): kept {kept} of the {in_flight} base answers in flight{lost}; "
+                f"{finished} of {total} questions finished, {stored} base answers stored in {run_dir}; "
+                "re-run the same command to resume"
+            )
+        super().__init__(msg)
+
+
+_active_stop: StopRequest | None = None
+
+
+@contextlib.contextmanager
+def graceful_stop(grace: float = STOP_GRACE, *, stream: Any = None) -> Iterator[StopRequest]:
+    """While active, Ctrl-C (SIGINT) and SIGTERM stop every :class:`EvaluationRunner` run gracefully.
+
+    The first signal sets the yielded :class:`StopRequest` (in-flight base answers are awaited up to
+    ``grace`` seconds, then the run raises :class:`RunStopped`); a second one exits the process at
+    once (status 130), like a kill: the run store stays consistent, answers still in flight are lost.
+    Outside the main thread no handler is installed, but the request is still honoured.
+    """
+    global _active_stop
+    stop = StopRequest(grace)
+    out = stream if stream is not None else sys.stderr
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            with contextlib.suppress(Exception):
+                print(f"blackbox-proxy: {name} again: stopped at once", file=out, flush=True)
+            os._exit(130)
+        stop.set(name)
+        with contextlib.suppress(Exception):
+            print(
+                f"blackbox-proxy: {name}: stopping; waiting up to {stop.grace:g} s for base answers in "
+                "flight (press Ctrl-C again to quit at once)",
+                file=out,
+                flush=True,
+            )
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, on_signal)
+    before, _active_stop = _active_stop, stop
+    try:
+        yield stop
+    finally:
+        _active_stop = before
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Gate:
+    """The engine's provider behind a gate: once a stop is asked for no request starts; counts the
+    requests in flight (so a stop can wait for them) and the answers that landed after the stop."""
+
+    def __init__(self, inner: Any, stop: StopRequest) -> None:
+        self._inner, self._stop = inner, stop
+        self.in_flight = 0
+        self.landed_after_stop = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def atop_logprobs(self, *args: Any, **kwargs: Any) -> Any:
+        if self._stop.is_set():
+            await asyncio.Event().wait()  # never starts; cancelled when the run ends
+        self.in_flight += 1
+        try:
+            top = await self._inner.atop_logprobs(*args, **kwargs)
+        finally:
+            self.in_flight -= 1
+        if self._stop.is_set():
+            self.landed_after_stop += 1
+        return top
+
+
 # --------------------------------------------------------------------------- the runner
 
 
@@ -307,7 +452,8 @@ class EvaluationRunner:
     ``provider`` and ``pair`` (one :class:`~blackbox_proxy.experts.ExpertPair`, a list of them, or
     None for base-only) with ``alpha`` (one weight per pair), ``k``, ``endpoint``, ``policy``,
     ``strategy``, ``concurrency`` (in-flight base requests) and ``chunk_size`` (questions per pair
-    batch). ``run_dir`` makes the run resumable.
+    batch). ``run_dir`` makes the run resumable. ``stop`` (default: the one of an active
+    :func:`graceful_stop`) ends a run gracefully when set: see :class:`StopRequest`.
     """
 
     def __init__(
@@ -328,6 +474,7 @@ class EvaluationRunner:
         debias: str = "none",
         debias_fraction: float = 0.1,
         debias_seed: int = 0,
+        stop: StopRequest | None = None,
     ) -> None:
         from ..debias import check_method
 
@@ -365,6 +512,7 @@ class EvaluationRunner:
         )
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
+        self.stop = stop
 
     @property
     def requests(self) -> int:
@@ -497,19 +645,36 @@ class EvaluationRunner:
                 res_store.append(rec.to_json())
             done[rec.id] = rec
 
-        await self.engine.ascore(
-            pending,
-            known=known,
-            on_top=on_top,
-            on_record=on_record,
-            progress=self.progress,
-            initial=len(qs) - len(pending),
-            total=len(qs),
-        )
-        if extra_pending:  # the debiasing prompts: base requests only
-            await self._base_engine.ascore(
-                extra_pending, known=known, on_top=on_top, on_record=on_record, progress=self.progress
+        stored = set(known)
+
+        def on_top_stored(q: MCQuestion, top: TopLogprobs) -> None:
+            on_top(q, top)
+            stored.add(q.id)
+
+        async def score() -> None:
+            await self.engine.ascore(
+                pending,
+                known=known,
+                on_top=on_top_stored,
+                on_record=on_record,
+                progress=self.progress,
+                initial=len(qs) - len(pending),
+                total=len(qs),
             )
+            if extra_pending:  # the debiasing prompts: base requests only
+                await self._base_engine.ascore(
+                    extra_pending,
+                    known=known,
+                    on_top=on_top_stored,
+                    on_record=on_record,
+                    progress=self.progress,
+                )
+
+        stop = self.stop if self.stop is not None else _active_stop
+        if stop is None:
+            await score()
+        else:
+            await self._stoppable(score, stop, lambda: (sum(q.id in done for q in qs), len(qs), len(stored)))
         records = [done[q.id] for q in qs]
         result = EvalResult(
             records,
@@ -526,6 +691,55 @@ class EvaluationRunner:
             res = result.debiased()
             atomic_write_json(self.run_dir / DEBIAS_FILE, {"plan": plan.to_dict(), "result": res.to_dict()})
         return result
+
+    async def _stoppable(
+        self,
+        score: Callable[[], Awaitable[None]],
+        stop: StopRequest,
+        counts: Callable[[], tuple[int, int, int]],
+    ) -> None:
+        """Run ``score()`` with the engines' provider behind a :class:`_Gate`; on a stop, wait for the
+        requests in flight (up to ``stop.grace`` s), cancel the rest and raise :class:`RunStopped`."""
+        engines = [self.engine, self._base_engine]
+        inner = self.engine.provider
+        gate = _Gate(inner, stop)
+        for e in engines:
+            e.provider = gate
+        try:
+            task = asyncio.ensure_future(score())
+            while not task.done() and not stop.is_set():
+                await asyncio.wait([task], timeout=0.05)
+            if task.done():
+                task.result()
+                return
+            t0 = time.monotonic()
+            in_flight = gate.in_flight
+            while self.run_dir is not None and gate.in_flight and time.monotonic() - t0 < stop.grace:
+                if task.done():
+                    break
+                await asyncio.sleep(0.02)
+            waited, abandoned = time.monotonic() - t0, gate.in_flight
+            if task.done():  # the last answers landed and the run finished while it waited
+                task.result()
+                return
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            finished, total, stored = counts()
+            raise RunStopped(
+                stop.reason or "stop",
+                in_flight=in_flight,
+                kept=gate.landed_after_stop if self.run_dir is not None else 0,
+                abandoned=abandoned,
+                waited=waited,
+                finished=finished,
+                total=total,
+                stored=stored,
+                run_dir=self.run_dir,
+            )
+        finally:
+            for e in engines:
+                e.provider = inner
 
 
 def load_run(
