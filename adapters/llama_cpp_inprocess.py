@@ -18,7 +18,14 @@ from ..models import gguf_path, resolve
 from ..types import TokenLogprob, TopLogprobs, Usage
 from .base import Prompt, ProviderOptions, register_provider
 from .continuation import CONTINUE, CONTINUE_IDS, TOKENIZE, Continuation, check_block_size, check_prefix
-from .openai_common import check_k, parse_chat_position, parse_completion_position, to_messages, to_text
+from .openai_common import (
+    check_k,
+    parse_chat_position,
+    parse_completion_position,
+    position_result,
+    to_messages,
+    to_text,
+)
 
 ENDPOINTS = ("chat", "completions")
 
@@ -90,14 +97,8 @@ class LlamaCppTopKProvider:
                 )
         entries, chosen = self._parse(body, where)
         u: dict[str, Any] = body.get("usage") or {}
-        return TopLogprobs(
-            entries=tuple(entries),
-            k=k,
-            chosen=chosen,
-            model=self.model,
-            provider=self.kind,
-            usage=Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)),
-        )
+        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+        return position_result(self, entries, chosen, k, usage)
 
     def _parse(self, body: Any, where: str) -> tuple[list[Any], Any]:
         choices = body.get("choices") or []

@@ -37,6 +37,7 @@ from .openai_common import (
     first_choice,
     no_logprobs_error,
     parse_chat_position,
+    position_result,
     to_messages,
     usage_of,
 )
@@ -78,40 +79,7 @@ class OpenAIChatProvider(OpenAIProviderBase):
         if not isinstance(logprobs, Mapping):
             raise no_logprobs_error(where)
         entries, chosen = parse_chat_position(logprobs, where)
-        return TopLogprobs(
-            entries=tuple(entries),
-            k=k,
-            chosen=chosen,
-            model=self.model,
-            provider=self.kind,
-            usage=usage_of(body, cached),
-        )
-
-    def _check(self, k: int) -> Any:
-        """A body is cached only if it parses (a `logprobs: null` answer is not remembered)."""
-        return lambda body: self.parse(body, k)
-
-    def top_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
-        """Top-k log-probs of the first token the model generates after ``prompt``."""
-        params = self.request_params(prompt, k)
-        body, cached = self.transport.call(
-            ENDPOINT,
-            self.model,
-            params,
-            lambda client, p: client.chat.completions.create(**p),
-            self._check(k),
-        )
-        return self.parse(body, k, cached=cached)
-
-    async def atop_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
-        """Async twin of :meth:`top_logprobs` (bounded by the transport's concurrency limit)."""
-        params = self.request_params(prompt, k)
-
-        async def send(client: Any, p: dict[str, Any]) -> Any:
-            return await client.chat.completions.create(**p)
-
-        body, cached = await self.transport.acall(ENDPOINT, self.model, params, send, self._check(k))
-        return self.parse(body, k, cached=cached)
+        return position_result(self, entries, chosen, k, usage_of(body, cached))
 
     # -- continuing a partial assistant message -----------------------------------------------------
     def continue_prefix(
@@ -203,9 +171,7 @@ class ContinueChatProvider(OpenAIChatProvider):
                     ),
                 }
                 try:
-                    self.transport.call(
-                        ENDPOINT, self.model, params, lambda client, p: client.chat.completions.create(**p)
-                    )
+                    self._post(params)
                     self._supported = False
                 except ProviderError as exc:
                     self._supported = getattr(exc, "status", None) == 400 and "continue_final_message" in str(
@@ -251,13 +217,7 @@ class ContinueChatProvider(OpenAIChatProvider):
         params = self.continue_params(prefix, n, k, messages)  # type: ignore[arg-type]
         if prefix:
             self.check_continue_support()
-        body, cached = self.transport.call(
-            ENDPOINT,
-            self.model,
-            params,
-            lambda client, p: client.chat.completions.create(**p),
-            lambda b: self.parse_continuation(b, n, k),
-        )
+        body, cached = self._post(params, lambda b: self.parse_continuation(b, n, k))
         return self.parse_continuation(body, n, k, cached=cached)
 
     async def acontinue_prefix(
@@ -272,12 +232,7 @@ class ContinueChatProvider(OpenAIChatProvider):
         if prefix:
             await asyncio.to_thread(self.check_continue_support)
 
-        async def send(client: Any, p: dict[str, Any]) -> Any:
-            return await client.chat.completions.create(**p)
-
-        body, cached = await self.transport.acall(
-            ENDPOINT, self.model, params, send, lambda b: self.parse_continuation(b, n, k)
-        )
+        body, cached = await self._apost(params, lambda b: self.parse_continuation(b, n, k))
         return self.parse_continuation(body, n, k, cached=cached)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError, MalformedResponseError, MissingLogprobsError
-from ..types import TokenLogprob, Usage
+from ..types import TokenLogprob, TopLogprobs, Usage
 from .base import Prompt
 
 
@@ -118,6 +118,15 @@ def no_logprobs_error(where: str) -> MissingLogprobsError:
     return MissingLogprobsError(
         f"{where} returned no log-probs (logprobs: null): the model or server does not support "
         "log-probs, or ignored the request for them"
+    )
+
+
+def position_result(
+    provider: Any, entries: Sequence[TokenLogprob], chosen: TokenLogprob | None, k: int, usage: Usage | None
+) -> TopLogprobs:
+    """The TopLogprobs of one position, labelled with ``provider``'s model and kind."""
+    return TopLogprobs(
+        entries=tuple(entries), k=k, chosen=chosen, model=provider.model, provider=provider.kind, usage=usage
     )
 
 

@@ -44,6 +44,7 @@ from .openai_common import (
     legacy_lists,
     no_logprobs_error,
     parse_completion_position,
+    position_result,
     row_entries,
     to_text,
     usage_of,
@@ -91,6 +92,7 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
 
     kind = "openai-completions"
     endpoint = "completions"
+    api = "completions"
     default_max_k = OPENAI_COMPLETIONS_MAX_LOGPROBS
     #: continue a raw prefix; the prompt may be token ids (OpenAI legacy, vLLM, llama-server; not
     #: llama-cpp-python's server, whose prompt is text only)
@@ -137,38 +139,7 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
     def parse(self, body: Mapping[str, Any], k: int, *, cached: bool = False) -> TopLogprobs:
         """TopLogprobs of the generated token, from legacy fields or chat-style ``content``."""
         entries, chosen = parse_completion_position(self._logprobs(body), self._where)
-        return TopLogprobs(
-            entries=tuple(entries),
-            k=k,
-            chosen=chosen,
-            model=self.model,
-            provider=self.kind,
-            usage=usage_of(body, cached),
-        )
-
-    def _send(self, params: dict[str, Any], check: Any) -> tuple[dict[str, Any], bool]:
-        """One request through the transport; ``check`` must accept a fresh body before it is cached."""
-        return self.transport.call(
-            ENDPOINT, self.model, params, lambda client, p: client.completions.create(**p), check
-        )
-
-    def top_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
-        """Top-k log-probs of the first token the model generates after the prompt text."""
-        params = self.request_params(prompt, k)
-        body, cached = self._send(params, lambda b: self.parse(b, k))
-        return self.parse(body, k, cached=cached)
-
-    async def atop_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
-        """Async twin of :meth:`top_logprobs`."""
-        params = self.request_params(prompt, k)
-
-        async def send(client: Any, p: dict[str, Any]) -> Any:
-            return await client.completions.create(**p)
-
-        body, cached = await self.transport.acall(
-            ENDPOINT, self.model, params, send, lambda b: self.parse(b, k)
-        )
-        return self.parse(body, k, cached=cached)
+        return position_result(self, entries, chosen, k, usage_of(body, cached))
 
     # -- continuing a raw prefix (open-ended black-box generation) --------------------------------
     def continue_params(self, prefix: str | Sequence[int], n: int, k: int) -> dict[str, Any]:
@@ -210,7 +181,7 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
         """``n`` greedy tokens after the raw ``prefix`` (text, or token ids), each with its top-k."""
         params = self.continue_params(prefix, n, k)
         ids = not isinstance(prefix, str)
-        body, cached = self._send(params, lambda b: self.parse_continuation(b, n, k, sent_ids=ids))
+        body, cached = self._post(params, lambda b: self.parse_continuation(b, n, k, sent_ids=ids))
         return self.parse_continuation(body, n, k, cached=cached, sent_ids=ids)
 
     async def acontinue_prefix(self, prefix: str | Sequence[int], n: int, k: int = 5) -> Continuation:
@@ -218,17 +189,12 @@ class OpenAICompletionsProvider(OpenAIProviderBase):
         params = self.continue_params(prefix, n, k)
         ids = not isinstance(prefix, str)
 
-        async def send(client: Any, p: dict[str, Any]) -> Any:
-            return await client.completions.create(**p)
-
-        body, cached = await self.transport.acall(
-            ENDPOINT, self.model, params, send, lambda b: self.parse_continuation(b, n, k, sent_ids=ids)
-        )
+        body, cached = await self._apost(params, lambda b: self.parse_continuation(b, n, k, sent_ids=ids))
         return self.parse_continuation(body, n, k, cached=cached, sent_ids=ids)
 
     # -- echo scoring ------------------------------------------------------------------------------
     def _echo(self, text: str, k: int) -> tuple[list[Any], list[Any], list[Any], list[Any], Usage]:
-        body, cached = self._send(self.request_params(text, k, echo=True), self._echo_lists)
+        body, cached = self._post(self.request_params(text, k, echo=True), self._echo_lists)
         return (*self._echo_lists(body), usage_of(body, cached))
 
     def _echo_lists(self, body: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:

@@ -8,7 +8,14 @@ from typing import Any, Literal
 
 from ..cache import ResponseCache
 from ..transport import Transport
+from ..types import TopLogprobs
+from .base import Prompt
 from .openai_common import check_model
+
+
+def _resource(client: Any, api: str) -> Any:
+    """The client resource of an API name: ``client.chat.completions`` or ``client.completions``."""
+    return client.chat.completions if api == "chat.completions" else client.completions
 
 
 class OpenAIProviderBase:
@@ -22,6 +29,8 @@ class OpenAIProviderBase:
     """
 
     kind = "openai"
+    #: the API the requests go to: "chat.completions" or "completions" (the transport's cache key too)
+    api = "chat.completions"
     #: the prompt form: "chat" messages or "completions" text (set by each subclass)
     endpoint = "chat"
     default_max_k: int | None = None
@@ -80,6 +89,42 @@ class OpenAIProviderBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, api_key='***')"
+
+    # -- requests ---------------------------------------------------------------------------------
+    def request_params(self, prompt: Prompt, k: int) -> dict[str, Any]:
+        """The JSON request for the top-k log-probs of the next token after ``prompt`` (subclasses)."""
+        raise NotImplementedError
+
+    def parse(self, body: Mapping[str, Any], k: int, *, cached: bool = False) -> TopLogprobs:
+        """TopLogprobs from a response body (subclasses); MissingLogprobsError when it carries none."""
+        raise NotImplementedError
+
+    def _post(self, params: dict[str, Any], check: Any = None) -> tuple[dict[str, Any], bool]:
+        """One request to :attr:`api` through the transport; ``check`` accepts a fresh body before it is cached."""
+        return self.transport.call(
+            self.api, self.model, params, lambda client, p: _resource(client, self.api).create(**p), check
+        )
+
+    async def _apost(self, params: dict[str, Any], check: Any = None) -> tuple[dict[str, Any], bool]:
+        """Async twin of :meth:`_post` (bounded by the transport's concurrency limit)."""
+
+        async def send(client: Any, p: dict[str, Any]) -> Any:
+            return await _resource(client, self.api).create(**p)
+
+        return await self.transport.acall(self.api, self.model, params, send, check)
+
+    def top_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
+        """Top-k log-probs of the first token the model generates after ``prompt``.
+
+        A body is cached only if it parses (a ``logprobs: null`` answer is not remembered).
+        """
+        body, cached = self._post(self.request_params(prompt, k), lambda b: self.parse(b, k))
+        return self.parse(body, k, cached=cached)
+
+    async def atop_logprobs(self, prompt: Prompt, k: int = 5) -> TopLogprobs:
+        """Async twin of :meth:`top_logprobs`."""
+        body, cached = await self._apost(self.request_params(prompt, k), lambda b: self.parse(b, k))
+        return self.parse(body, k, cached=cached)
 
 
 def openai_max_k(options: Any, default: int) -> int | None:

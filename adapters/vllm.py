@@ -37,9 +37,9 @@ from typing import Any
 
 from ..candidates import check_labels, logsumexp, normalize_label
 from ..errors import CandidateError, InputError, MissingLogprobsError, ProviderError, VocabularyMismatchError
-from ..experts import ExpertPair, _Variants
+from ..experts import CandidateScorer, ExpertPair
 from ..transport import Transport
-from ..types import MCQuestion, TokenLogprob, TopLogprobs, Usage
+from ..types import TokenLogprob, TopLogprobs, Usage
 from .base import Prompt, ProviderOptions, register_provider
 from .continuation import CONTINUE, CapabilityError, Continuation
 from .openai_chat import ContinueChatProvider
@@ -118,16 +118,58 @@ class _VLLMCalls:
     extra_params: dict[str, Any]
     _where: str
 
-    def _vllm_init(self, max_ids: int, with_top_k: bool, variants: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        max_ids: int = DEFAULT_MAX_IDS,
+        with_top_k: bool = True,
+        variants: Sequence[str] = VARIANT_TEMPLATES,
+        **options: Any,
+    ) -> None:
         if isinstance(max_ids, bool) or not isinstance(max_ids, int) or max_ids < 1:
             raise InputError(f"max_ids must be an integer >= 1, got {max_ids!r}")
         if not variants or not all(isinstance(v, str) and "{}" in v for v in variants):
             raise InputError(f"variants must be format strings holding '{{}}', got {variants!r}")
+        options.setdefault("max_k", None)
+        super().__init__(model, base_url, api_key, **options)  # type: ignore[call-arg]
         self.max_ids = max_ids
         self.with_top_k = bool(with_top_k)
         self.variant_templates = tuple(variants)
         self._variants: dict[str, tuple[tuple[str, int], ...]] = {}
         self._tok_cache: dict[tuple[str, bool], list[int]] = {}
+
+    def exact_params(self, prompt: Prompt, ids: Sequence[int]) -> dict[str, Any]:
+        """The request for the log-probs of token ``ids`` at the first generated position."""
+        raise NotImplementedError
+
+    def _exact_call(self, prompt: Prompt, ids: Sequence[int]) -> tuple[dict[int, float], int, Usage]:
+        body, cached = self._post(self.exact_params(prompt, ids), lambda b: self._check_exact(b, ids))  # type: ignore[attr-defined]
+        values, sampled = self._check_exact(body, ids)
+        return values, sampled, usage_of(body, cached)
+
+    async def _aexact_call(self, prompt: Prompt, ids: Sequence[int]) -> tuple[dict[int, float], int, Usage]:
+        body, cached = await self._apost(self.exact_params(prompt, ids), lambda b: self._check_exact(b, ids))  # type: ignore[attr-defined]
+        values, sampled = self._check_exact(body, ids)
+        return values, sampled, usage_of(body, cached)
+
+    def top_logprobs(
+        self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
+    ) -> TopLogprobs:
+        """Top-k log-probs of the next token; with ``candidates``, every variant's exact log-prob too."""
+        if candidates is None:
+            return super().top_logprobs(prompt, k)  # type: ignore[misc]
+        return _exact_sync(self, prompt, k, candidates, super().top_logprobs)  # type: ignore[misc]
+
+    async def atop_logprobs(
+        self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
+    ) -> TopLogprobs:
+        """Async twin of :meth:`top_logprobs` (the top-k and exact requests run concurrently)."""
+        if candidates is None:
+            return await super().atop_logprobs(prompt, k)  # type: ignore[misc]
+        return await _exact_async(self, prompt, k, candidates, super().atop_logprobs)  # type: ignore[misc]
 
     # -- /tokenize ---------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -294,21 +336,6 @@ class VLLMChatProvider(_VLLMCalls, ContinueChatProvider):
     kind = "vllm-chat"
     capabilities: frozenset[str] = ContinueChatProvider.capabilities | {EXACT, CONTINUE}
 
-    def __init__(
-        self,
-        model: str,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        max_ids: int = DEFAULT_MAX_IDS,
-        with_top_k: bool = True,
-        variants: Sequence[str] = VARIANT_TEMPLATES,
-        **options: Any,
-    ) -> None:
-        options.setdefault("max_k", None)
-        super().__init__(model, base_url, api_key, **options)
-        self._vllm_init(max_ids, with_top_k, variants)
-
     def exact_params(self, prompt: Prompt, ids: Sequence[int]) -> dict[str, Any]:
         """The request for the log-probs of token ``ids`` at the first generated position."""
         params: dict[str, Any] = {
@@ -336,46 +363,6 @@ class VLLMChatProvider(_VLLMCalls, ContinueChatProvider):
         ]
         return sampled, pairs
 
-    def _exact_call(self, prompt: Prompt, ids: Sequence[int]) -> tuple[dict[int, float], int, Usage]:
-        params = self.exact_params(prompt, ids)
-        body, cached = self.transport.call(
-            "chat.completions",
-            self.model,
-            params,
-            lambda client, p: client.chat.completions.create(**p),
-            lambda b: self._check_exact(b, ids),
-        )
-        values, sampled = self._check_exact(body, ids)
-        return values, sampled, usage_of(body, cached)
-
-    async def _aexact_call(self, prompt: Prompt, ids: Sequence[int]) -> tuple[dict[int, float], int, Usage]:
-        params = self.exact_params(prompt, ids)
-
-        async def send(client: Any, p: dict[str, Any]) -> Any:
-            return await client.chat.completions.create(**p)
-
-        body, cached = await self.transport.acall(
-            "chat.completions", self.model, params, send, lambda b: self._check_exact(b, ids)
-        )
-        values, sampled = self._check_exact(body, ids)
-        return values, sampled, usage_of(body, cached)
-
-    def top_logprobs(
-        self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
-    ) -> TopLogprobs:
-        """Top-k log-probs of the first token; with ``candidates``, every variant's exact log-prob too."""
-        if candidates is None:
-            return super().top_logprobs(prompt, k)
-        return _exact_sync(self, prompt, k, candidates, super().top_logprobs)
-
-    async def atop_logprobs(
-        self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
-    ) -> TopLogprobs:
-        """Async twin of :meth:`top_logprobs` (the top-k and exact requests run concurrently)."""
-        if candidates is None:
-            return await super().atop_logprobs(prompt, k)
-        return await _exact_async(self, prompt, k, candidates, super().atop_logprobs)
-
 
 class VLLMCompletionsProvider(_VLLMCalls, OpenAICompletionsProvider):
     """Legacy Completions on a vLLM server: top-k, exact candidate log-probs, block scoring.
@@ -388,21 +375,6 @@ class VLLMCompletionsProvider(_VLLMCalls, OpenAICompletionsProvider):
 
     kind = "vllm-completions"
     capabilities: frozenset[str] = OpenAICompletionsProvider.capabilities | {EXACT, SCORE_BLOCK}
-
-    def __init__(
-        self,
-        model: str,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        max_ids: int = DEFAULT_MAX_IDS,
-        with_top_k: bool = True,
-        variants: Sequence[str] = VARIANT_TEMPLATES,
-        **options: Any,
-    ) -> None:
-        options.setdefault("max_k", None)
-        super().__init__(model, base_url, api_key, **options)
-        self._vllm_init(max_ids, with_top_k, variants)
 
     def exact_params(self, prompt: Prompt, ids: Sequence[int]) -> dict[str, Any]:
         """The request for the log-probs of token ``ids`` at the first generated position."""
@@ -418,40 +390,6 @@ class VLLMCompletionsProvider(_VLLMCalls, OpenAICompletionsProvider):
 
     def _exact_position(self, body: Mapping[str, Any]) -> tuple[int, list[tuple[int, float]]]:
         return _completion_exact_position(body, self._where)
-
-    def _exact_call(self, prompt: Prompt, ids: Sequence[int]) -> tuple[dict[int, float], int, Usage]:
-        params = self.exact_params(prompt, ids)
-        body, cached = self._send(params, lambda b: self._check_exact(b, ids))
-        values, sampled = self._check_exact(body, ids)
-        return values, sampled, usage_of(body, cached)
-
-    async def _aexact_call(self, prompt: Prompt, ids: Sequence[int]) -> tuple[dict[int, float], int, Usage]:
-        params = self.exact_params(prompt, ids)
-
-        async def send(client: Any, p: dict[str, Any]) -> Any:
-            return await client.completions.create(**p)
-
-        body, cached = await self.transport.acall(
-            "completions", self.model, params, send, lambda b: self._check_exact(b, ids)
-        )
-        values, sampled = self._check_exact(body, ids)
-        return values, sampled, usage_of(body, cached)
-
-    def top_logprobs(
-        self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
-    ) -> TopLogprobs:
-        """Top-k log-probs of the next token; with ``candidates``, every variant's exact log-prob too."""
-        if candidates is None:
-            return super().top_logprobs(prompt, k)
-        return _exact_sync(self, prompt, k, candidates, super().top_logprobs)
-
-    async def atop_logprobs(
-        self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
-    ) -> TopLogprobs:
-        """Async twin of :meth:`top_logprobs`."""
-        if candidates is None:
-            return await super().atop_logprobs(prompt, k)
-        return await _exact_async(self, prompt, k, candidates, super().atop_logprobs)
 
     # -- a block of given tokens, scored in one request -------------------------------------------------
     def score_block(
@@ -506,7 +444,7 @@ class VLLMCompletionsProvider(_VLLMCalls, OpenAICompletionsProvider):
                 usage_of(body, cached), self.model, self.kind, True,
             )  # fmt: skip
 
-        body, cached = self._send(params, parse)
+        body, cached = self._post(params, parse)
         return parse(body, cached)
 
 
@@ -701,6 +639,11 @@ class ServedModel:
                 self._has_chat = False
         return self._has_chat
 
+    @property
+    def unk_token_id(self) -> int | None:
+        """Not exposed by the server's API: no id is treated as "unknown" when finding candidates."""
+        return None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` in the server's tokenizer."""
         if not isinstance(text, str) or not text:
@@ -822,103 +765,26 @@ def _choices(body: Mapping[str, Any], n: int, where: str) -> list[Mapping[str, A
     return sorted(choices, key=lambda c: int(c.get("index") or 0))
 
 
-class ServedScorer:
-    """A :class:`ServedModel` scoring candidates like :class:`~blackbox_proxy.experts.CandidateScorer`.
+class ServedScorer(CandidateScorer):
+    """A :class:`ServedModel` scoring candidates as :class:`~blackbox_proxy.experts.CandidateScorer` does.
 
-    Same rendering (chat template when the server has one and ``chat_template``), same variants
-    (the label and " " + label), same pooling (log-sum-exp of single-token variants) and the same
-    multi-token fallback (sum of teacher-forced token log-probs), computed by the server.
+    Rendering and candidate variants are the in-process scorer's own (the server's tokenizer and chat
+    template); only the numbers come over HTTP: single-token variants through ``logprob_token_ids``
+    (pooled by log-sum-exp), multi-token ones as teacher-forced sums through ``prompt_logprobs``,
+    with up to the server's concurrency requests in flight.
     """
-
-    def __init__(
-        self,
-        model: ServedModel,
-        *,
-        chat_template: bool = True,
-        strict_single_token: bool = False,
-        batch_size: int = 8,
-    ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size!r}")
-        self.model = model
-        self.name = model.name
-        self.chat_template = bool(chat_template)
-        self.strict_single_token = strict_single_token
-        self.batch_size = batch_size
-        self._variants: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def use_chat_template(self) -> bool:
-        """Whether prompts go through the model's chat template."""
-        return self.chat_template and self.model.has_chat_template
-
-    def render(self, prompt: Any) -> list[int]:
-        """Token ids of a prompt in this model's own format (as the in-process scorer renders it)."""
-        from ..prompts import mc_messages, mc_text, messages_to_text
-
-        if isinstance(prompt, MCQuestion):
-            prompt = mc_messages(prompt) if self.use_chat_template else mc_text(prompt)
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise InputError("empty prompt")
-            ids = self.model.encode(prompt)
-        else:
-            messages = [dict(m) for m in prompt]
-            if not messages:
-                raise InputError("empty chat prompt: no messages")
-            ids = (
-                self.model.encode_chat(messages)
-                if self.use_chat_template
-                else self.model.encode(messages_to_text(messages))
-            )
-        if not ids:
-            raise InputError(f"prompt renders to no tokens in {self.name}")
-        limit = self.model.max_context
-        if len(ids) > limit - 16:
-            raise InputError(
-                f"prompt has {len(ids)} tokens, more than {self.name}'s context of {limit}: question too long"
-            )
-        return ids
-
-    def variants(self, label: str) -> Any:
-        """Token ids of ``label`` and ``" " + label`` (single tokens and strings), as CandidateScorer."""
-        if label in self._variants:
-            return self._variants[label]
-        core = label.strip()
-        if not core:
-            raise InputError(f"candidate {label!r} is empty")
-        singles: list[int] = []
-        strings: list[tuple[int, ...]] = []
-        for text in dict.fromkeys((core, " " + core)):
-            ids = tuple(self.model.encode(text, add_special_tokens=False))
-            if len(ids) == 1:
-                if ids[0] not in singles:
-                    singles.append(ids[0])
-            elif ids and ids not in strings:
-                strings.append(ids)
-        if not singles and not strings:
-            raise CandidateError(f"candidate {label!r} has no tokens in {self.name}'s tokenizer")
-        if not singles and self.strict_single_token:
-            raise CandidateError(
-                f"candidate {label!r} is not a single token in {self.name}'s tokenizer; strict single-token mode is on"
-            )
-        out = _Variants(tuple(singles), tuple(strings) if not singles else ())
-        self._variants[label] = out
-        return out
 
     def _pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=max(1, self.model.transport.max_concurrency))
 
-    def score(
-        self, prompts: Sequence[Any], candidates: Sequence[Sequence[str]], progress: Any = None
-    ) -> list[dict[str, float]]:
-        """Log-prob of each prompt's candidates as the next answer (pooled variants), over HTTP."""
-        if len(prompts) != len(candidates):
-            raise InputError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
-        rendered = [self.render(p) for p in prompts]
-        cand_vars = [{lab: self.variants(lab) for lab in labs} for labs in candidates]
-        out: list[dict[str, float]] = [{} for _ in prompts]
+    def _score_singles(
+        self,
+        rendered: Sequence[Sequence[int]],
+        cand_vars: Sequence[Mapping[str, Any]],
+        out: list[dict[str, float]],
+        progress: Any,
+    ) -> None:
+        """Pooled single-token variants: prompts asking for the same ids share a request."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, vs in enumerate(cand_vars):
             ids = tuple(sorted({t for v in vs.values() for t in v.single_ids}))
@@ -940,20 +806,6 @@ class ServedScorer:
                         out[i][lab] = logsumexp(got[t] for t in var.single_ids)
             if progress is not None:
                 progress.update(len(idx))
-        strings = [
-            (i, lab, cont)
-            for i, vs in enumerate(cand_vars)
-            for lab, var in vs.items()
-            if not var.single_ids
-            for cont in var.strings
-        ]
-        for (i, lab), vals in self._continuations(rendered, strings).items():
-            out[i][lab] = logsumexp(vals)
-        for i, labs in enumerate(candidates):
-            for lab in labs:
-                if lab not in out[i] or math.isnan(out[i][lab]):
-                    raise MissingLogprobsError(f"model {self.name}: no log-prob for candidate {lab!r}")
-        return [{lab: out[i][lab] for lab in labs} for i, labs in enumerate(candidates)]
 
     def _continuations(
         self, rendered: Sequence[Sequence[int]], jobs: Sequence[tuple[int, str, Sequence[int]]]

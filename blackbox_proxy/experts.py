@@ -191,34 +191,43 @@ class CandidateScorer:
         rendered = [self.render(p) for p in prompts]
         cand_vars = [{lab: self.variants(lab) for lab in labs} for labs in candidates]
         out: list[dict[str, float]] = [{} for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
-        with self._lock:  # one forward pass at a time per model (scorers may be shared across threads)
-            # single-token candidates: one forward per batch, last position only
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                lp = self._logprobs([rendered[i] for i in idx], 1, f"prompts {idx}")[:, -1, :]
-                for row, i in enumerate(idx):
-                    for lab, var in cand_vars[i].items():
-                        if var.single_ids:
-                            out[i][lab] = logsumexp(float(lp[row, t]) for t in var.single_ids)
-                if progress is not None:
-                    progress.update(len(idx))
-            # multi-token candidates: teacher-forced continuation, sum of token log-probs
-            jobs = [
-                (i, lab, cont)
-                for i, vars_ in enumerate(cand_vars)
-                for lab, var in vars_.items()
-                if not var.single_ids
-                for cont in var.strings
-            ]
+        # multi-token candidates: teacher-forced continuation, sum of token log-probs
+        jobs = [
+            (i, lab, cont)
+            for i, vars_ in enumerate(cand_vars)
+            for lab, var in vars_.items()
+            if not var.single_ids
+            for cont in var.strings
+        ]
+        with self._lock:  # one scoring pass at a time per model (scorers may be shared across threads)
+            self._score_singles(rendered, cand_vars, out, progress)
             string_lps = self._continuations(rendered, jobs)
         for (i, lab), vals in string_lps.items():
             out[i][lab] = logsumexp(vals)
         for i, labs in enumerate(candidates):
             for lab in labs:
-                if math.isnan(out[i][lab]):
-                    raise MissingLogprobsError(f"model {self.name}: NaN log-prob for candidate {lab!r}")
+                if lab not in out[i] or math.isnan(out[i][lab]):
+                    raise MissingLogprobsError(f"model {self.name}: no log-prob (NaN) for candidate {lab!r}")
         return [{lab: out[i][lab] for lab in labs} for i, labs in enumerate(candidates)]
+
+    def _score_singles(
+        self,
+        rendered: Sequence[Sequence[int]],
+        cand_vars: Sequence[Mapping[str, _Variants]],
+        out: list[dict[str, float]],
+        progress: Any,
+    ) -> None:
+        """Fill ``out`` with the pooled single-token variants: one forward per batch, last position only."""
+        order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            lp = self._logprobs([rendered[i] for i in idx], 1, f"prompts {idx}")[:, -1, :]
+            for row, i in enumerate(idx):
+                for lab, var in cand_vars[i].items():
+                    if var.single_ids:
+                        out[i][lab] = logsumexp(float(lp[row, t]) for t in var.single_ids)
+            if progress is not None:
+                progress.update(len(idx))
 
     def _continuations(
         self, rendered: Sequence[Sequence[int]], jobs: Sequence[tuple[int, str, Sequence[int]]]

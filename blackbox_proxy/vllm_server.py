@@ -18,25 +18,15 @@ through for vLLM to download.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from .errors import InputError, ProviderError
+from .errors import InputError
 from .models import cache_root, resolve, safetensors_dir
-from .server import _tail, free_port
+from .server import ServerProcess, check_int
 
 #: environment variable naming the python of the vLLM environment
 VLLM_PYTHON_ENV = "BLACKBOX_PROXY_VLLM_PYTHON"
@@ -81,15 +71,22 @@ def vllm_model_path(spec: str | os.PathLike[str]) -> str:
     return str(safetensors_dir(spec))
 
 
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """vLLM's OpenAI-compatible server serving one model under the name ``name`` (a subprocess).
 
     ``dtype="float32"`` and ``enforce_eager=True`` (the defaults) give log-probs equal to
     transformers' in float32 and a start-up of about 30 s on CPU instead of 60-150 s (no graph
     compilation). ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (the CPU build's KV cache size).
     ``extra_args`` are appended to vLLM's command line (e.g. ``["--tensor-parallel-size", "2"]``
-    on a GPU machine); ``env`` adds environment variables.
+    on a GPU machine); ``env`` adds environment variables. It runs in its own process group, so a
+    stop also ends vLLM's engine-core child.
     """
+
+    engine = "vLLM"
+    log_prefix = "vllm-server-"
+    poll_interval = 0.5
+    stop_grace = 20.0
+    own_group = True
 
     def __init__(
         self,
@@ -109,57 +106,23 @@ class VLLMServer:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
-        if not name or not str(name).strip():
-            raise InputError("the served model name must not be empty")
-        for label, value, low in (
-            ("port", port, 1),
-            ("max_model_len", max_model_len, 16),
-            ("max_logprobs", max_logprobs, 1),
-            ("kv_cache_gib", kv_cache_gib, 1),
-        ):
-            if value is None and label == "port":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{label} must be an integer >= {low}, got {value!r}")
-        if port is not None and port > 65535:
-            raise InputError(f"port must be in 1..65535, got {port}")
+        self.max_model_len = check_int("max_model_len", max_model_len, 16)
+        self.max_logprobs = check_int("max_logprobs", max_logprobs, 1)
+        self.kv_cache_gib = check_int("kv_cache_gib", kv_cache_gib, 1)
         if dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if isinstance(extra_args, str) or not all(isinstance(a, str) for a in extra_args):
             raise InputError(f"extra_args must be a list of strings, got {extra_args!r}")
-        self.spec = str(spec)
-        self.model = str(name)
+        super().__init__(spec, name, port, host, startup_timeout=startup_timeout, log_path=log_path)
         self.python = vllm_python(python)
         self.model_path = vllm_model_path(spec)
-        self.host = host
-        self.port = int(port) if port is not None else free_port(host)
-        self.max_model_len = int(max_model_len)
-        self.max_logprobs = int(max_logprobs)
         self.dtype = dtype
         self.enforce_eager = bool(enforce_eager)
-        self.kv_cache_gib = int(kv_cache_gib)
-        self.startup_timeout = float(startup_timeout)
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
-        self._own_log = log_path is None
-        if log_path is None:
-            fd, tmp = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
-            os.close(fd)
-            log_path = tmp
-        self.log_path = Path(log_path)
-        self._proc: subprocess.Popen[bytes] | None = None
-        #: seconds the last start took until /v1/models answered
-        self.startup_seconds: float | None = None
 
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL, ending in /v1."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self._proc.pid if self._proc is not None else None
+    def describe(self) -> str:
+        return self.model_path
 
     def command(self) -> list[str]:
         """The server's command line (the ``vllm`` console script is not used: it fails on vllm-cpu)."""
@@ -194,89 +157,7 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         """Start the server and wait until /v1/models lists the model; ProviderError if it does not."""
-        if self._proc is not None and self._proc.poll() is None:
-            return self
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if s.connect_ex((self.host, self.port)) == 0:
-                raise ProviderError(f"port {self.port} on {self.host} is already in use: pick another --port")
-        t0 = time.monotonic()
-        log = self.log_path.open("wb")
-        try:
-            # its own process group, so stop() can end vLLM's engine-core child as well
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.environment(),
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        deadline = t0 + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._kill_group(self._proc.pid)
-                self._proc = None
-                raise ProviderError(
-                    f"vLLM server for {self.model_path} exited with code {code} during start-up; "
-                    f"log tail ({self.log_path}):\n{_tail(self.log_path)}"
-                )
-            if self._ready():
-                self.startup_seconds = time.monotonic() - t0
-                return self
-            time.sleep(0.5)
-        tail = _tail(self.log_path)
-        self._own_log = False  # keep the log of a failed start for inspection
-        self.stop()
-        raise ProviderError(
-            f"vLLM server at {self.base_url} did not answer /v1/models within {self.startup_timeout:g} s; "
-            f"log tail ({self.log_path}):\n{tail}"
-        )
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
-                data = json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-        return any(m.get("id") == self.model for m in data.get("data", []))
-
-    def running(self) -> bool:
-        """True while the server process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @staticmethod
-    def _kill_group(pgid: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-
-    def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM the server, SIGKILL its process group after ``grace`` seconds; returns its exit code."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._kill_group(proc.pid)  # an engine-core child left behind, if any
-        if self._own_log:  # a temporary log is only worth keeping when start-up failed
-            self.log_path.unlink(missing_ok=True)
-        return proc.returncode
+        return super().start()
 
     def __enter__(self) -> VLLMServer:
         return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running() else "stopped"
-        return f"VLLMServer({self.spec!r}, name={self.model!r}, base_url={self.base_url!r}, {state})"
