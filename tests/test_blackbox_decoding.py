@@ -315,7 +315,6 @@ def divergence(a: Any, b: Any) -> int | None:
 
 
 @pytest_integration
-@pytest.mark.pending
 def test_speculative_equals_per_token_with_a_pair_that_changes_tokens(
     comp: OpenAICompletionsProvider, inproc: Any, changing_pair: Any
 ) -> None:
@@ -346,7 +345,6 @@ def test_speculative_equals_per_token_with_a_pair_that_changes_tokens(
 
 
 @pytest_integration
-@pytest.mark.pending
 def test_sampling_is_seeded_and_speculative_blocks_cut_calls(inproc: Any, changing_pair: Any) -> None:
     cfg = GenerationConfig(max_new_tokens=24, temperature=0.7, seed=3)
     gen = BlackBoxProxyGenerator(inproc, [changing_pair], top_logprobs=8)
@@ -358,7 +356,6 @@ def test_sampling_is_seeded_and_speculative_blocks_cut_calls(inproc: Any, changi
 
 
 @pytest_integration
-@pytest.mark.pending
 def test_generate_command_black_box_writes_the_continuation_and_the_report(
     llama_server: Any, tmp_path: Any
 ) -> None:
