@@ -136,3 +136,20 @@ def test_writers_are_atomic_a_failed_write_leaves_the_old_file(
     with pytest.raises(InputError, match=r"cannot write .*r\.csv: No space left on device"):
         write_table(pd.DataFrame({"id": ["b"], "x": [2]}), out)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+def test_a_record_without_id_gets_its_line_and_a_store_line_without_id_is_named(tmp_path: Path) -> None:
+    from blackbox_proxy.evaluation.datasets import read_questions_jsonl
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(
+        '{"question": "Which?", "choices": ["a", "b"]}\n{"id": null, "question": "Q", "choices": ["a"]}\n'
+    )
+    qs, errors = read_questions_jsonl(q, lenient=True)
+    assert [x.id for x in qs] == ["line1"]
+    assert len(errors) == 1 and errors[0].startswith(f"{q}:2: 'id' must be a non-empty string")
+    store = tmp_path / "results.jsonl"
+    store.write_text('{"id": "a", "x": 1}\n{"x": 2}\n{"id": "b", "x": 3}\n')
+    s = JsonlStore(store)
+    assert sorted(s.load()) == ["a", "b"]
+    assert s.problems == [f"{store}:2: corrupt record skipped (not a record with an id); it will be redone"]
