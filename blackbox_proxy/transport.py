@@ -32,6 +32,7 @@ redacted from ``repr``, ``dataclasses.asdict``, error messages and logs, and nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -40,7 +41,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -316,7 +317,7 @@ def _positive(name: str, value: object, *, allow_none: bool = False) -> float | 
 class _Call:
     """Book-keeping of one request across its attempts."""
 
-    __slots__ = ("started", "deadline_at", "attempts", "reasons", "limit")
+    __slots__ = ("started", "deadline_at", "attempts", "reasons", "limit", "sent_at")
 
     def __init__(self) -> None:
         self.started: float | None = None
@@ -325,6 +326,8 @@ class _Call:
         self.reasons: list[str] = []
         #: the HTTP timeout of the latest attempt
         self.limit = 0.0
+        #: when the latest attempt was sent
+        self.sent_at = 0.0
 
 
 class Transport:
@@ -468,7 +471,18 @@ class Transport:
         with self._count_lock:
             self.attempts += 1
         call.limit = max(min(self.timeout + self.late_wait, call.deadline_at - now), 0.05)
+        call.sent_at = time.monotonic()
         return call.limit
+
+    @contextlib.contextmanager
+    def _attempt(self, call: _Call, queued_since: float) -> Iterator[openai.Timeout]:
+        """One attempt, inside its concurrency slot: yields its HTTP timeout; a failure is noted and re-raised."""
+        seconds = self._begin(call, queued_since)
+        try:
+            yield self._timeout(seconds)
+        except Exception as exc:
+            self._failed(call, exc)
+            raise
 
     def _heard(self) -> None:
         with self._count_lock:
@@ -492,34 +506,38 @@ class Transport:
         self,
         call: _Call,
         raw: Any,
-        t0: float,
         cache_key: str | None,
         endpoint: str,
         model: str,
         check: Callable[[dict[str, Any]], object] | None,
     ) -> dict[str, Any]:
-        """A fresh answer: parse, check, store in the cache (before anyone uses it), count a late one."""
-        self._heard()
-        elapsed = time.monotonic() - t0
-        if elapsed > self.timeout:
-            with self._count_lock:
-                self.late_answers += 1
-            log.info(
-                "%s %s (model %r) answered after %.1f s, past timeout %g s: used the late answer "
-                "rather than paying for a second request",
-                self.base_url,
-                endpoint,
-                model,
-                elapsed,
-                self.timeout,
-            )
-        body = _to_dict(raw)
-        if check is not None:
-            check(body)
-        self._ever_usable = True
-        if self.cache is not None and cache_key is not None:
-            self.cache.put(cache_key, self._scrub(body), endpoint=endpoint, model=model)
-        return body
+        """A fresh answer: parse, check, store in the cache (before anyone uses it), count a late one;
+        a body ``check`` refuses is noted as a failed attempt and re-raised."""
+        try:
+            self._heard()
+            elapsed = time.monotonic() - call.sent_at
+            if elapsed > self.timeout:
+                with self._count_lock:
+                    self.late_answers += 1
+                log.info(
+                    "%s %s (model %r) answered after %.1f s, past timeout %g s: used the late answer "
+                    "rather than paying for a second request",
+                    self.base_url,
+                    endpoint,
+                    model,
+                    elapsed,
+                    self.timeout,
+                )
+            body = _to_dict(raw)
+            if check is not None:
+                check(body)
+            self._ever_usable = True
+            if self.cache is not None and cache_key is not None:
+                self.cache.put(cache_key, self._scrub(body), endpoint=endpoint, model=model)
+            return body
+        except Exception as exc:
+            self._failed(call, exc)
+            raise
 
     def call(
         self,
@@ -542,19 +560,9 @@ class Transport:
 
         def once() -> dict[str, Any]:
             queued = time.monotonic()
-            with self._sync_sem:
-                seconds = self._begin(call, queued)
-                t0 = time.monotonic()
-                try:
-                    raw = send(self.client.with_options(timeout=self._timeout(seconds)), dict(params))
-                except Exception as exc:
-                    self._failed(call, exc)
-                    raise
-            try:
-                return self._finish(call, raw, t0, key, endpoint, model, check)
-            except Exception as exc:
-                self._failed(call, exc)
-                raise
+            with self._sync_sem, self._attempt(call, queued) as timeout:
+                raw = send(self.client.with_options(timeout=timeout), dict(params))
+            return self._finish(call, raw, key, endpoint, model, check)
 
         failure: BlackboxProxyError | None = None
         try:
@@ -583,18 +591,9 @@ class Transport:
         async def once() -> dict[str, Any]:
             queued = time.monotonic()
             async with sem:
-                seconds = self._begin(call, queued)
-                t0 = time.monotonic()
-                try:
-                    raw = await send(client.with_options(timeout=self._timeout(seconds)), dict(params))
-                except Exception as exc:
-                    self._failed(call, exc)
-                    raise
-            try:
-                return self._finish(call, raw, t0, key, endpoint, model, check)
-            except Exception as exc:
-                self._failed(call, exc)
-                raise
+                with self._attempt(call, queued) as timeout:
+                    raw = await send(client.with_options(timeout=timeout), dict(params))
+            return self._finish(call, raw, key, endpoint, model, check)
 
         failure: BlackboxProxyError | None = None
         try:
