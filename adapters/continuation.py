@@ -42,16 +42,20 @@ class CapabilityError(InputError):
     """A provider lacks a capability the caller needs (e.g. continuing a partial response)."""
 
 
-def require_capability(provider: Any, capability: str, what: str) -> None:
-    """Raise CapabilityError naming the provider when it lacks ``capability``."""
+def require_capability(provider: Any, capability: str, what: str, advice: str | None = None) -> None:
+    """Raise CapabilityError naming the provider when it lacks ``capability`` (``advice``: what to use)."""
     caps = getattr(provider, "capabilities", frozenset()) or frozenset()
     if capability not in caps:
         kind = getattr(provider, "kind", type(provider).__name__)
         raise CapabilityError(
             f"provider {kind!r} ({type(provider).__name__}) cannot {what} (it lacks the {capability!r} "
-            "capability): use a Completions endpoint (OpenAICompletionsProvider, --endpoint completions), "
-            "a chat server with continue_final_message (ContinueChatProvider), or the in-process "
-            "llama.cpp provider"
+            "capability): "
+            + (
+                advice
+                or "use a Completions endpoint (OpenAICompletionsProvider, --endpoint completions), "
+                "a chat server with continue_final_message (ContinueChatProvider), or the in-process "
+                "llama.cpp provider"
+            )
         )
 
 

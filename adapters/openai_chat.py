@@ -208,13 +208,18 @@ class ContinueChatProvider(OpenAIChatProvider):
         check_block(positions, n, finish, where)
         return Continuation(positions, finish, n, k, text, usage, self.model, self.kind, False)
 
+    def _continue_request(
+        self, prefix: str | Sequence[int], n: int, k: int, messages: Prompt | None
+    ) -> dict[str, Any]:
+        if messages is None:
+            raise InputError(f"{self.kind}: continue_prefix needs the conversation (messages=...)")
+        return self.continue_params(prefix, n, k, messages)  # type: ignore[arg-type]
+
     def continue_prefix(
         self, prefix: str | Sequence[int], n: int, k: int = 5, *, messages: Prompt | None = None
     ) -> Continuation:
         """``n`` greedy tokens continuing the partial assistant message ``prefix`` after ``messages``."""
-        if messages is None:
-            raise InputError(f"{self.kind}: continue_prefix needs the conversation (messages=...)")
-        params = self.continue_params(prefix, n, k, messages)  # type: ignore[arg-type]
+        params = self._continue_request(prefix, n, k, messages)
         if prefix:
             self.check_continue_support()
         body, cached = self._post(params, lambda b: self.parse_continuation(b, n, k))
@@ -226,12 +231,9 @@ class ContinueChatProvider(OpenAIChatProvider):
         """Async twin of :meth:`continue_prefix` (the one-time support probe runs in a thread)."""
         import asyncio
 
-        if messages is None:
-            raise InputError(f"{self.kind}: continue_prefix needs the conversation (messages=...)")
-        params = self.continue_params(prefix, n, k, messages)  # type: ignore[arg-type]
+        params = self._continue_request(prefix, n, k, messages)
         if prefix:
             await asyncio.to_thread(self.check_continue_support)
-
         body, cached = await self._apost(params, lambda b: self.parse_continuation(b, n, k))
         return self.parse_continuation(body, n, k, cached=cached)
 

@@ -41,9 +41,9 @@ from ..experts import CandidateScorer, ExpertPair
 from ..transport import Transport
 from ..types import TokenLogprob, TopLogprobs, Usage
 from .base import Prompt, ProviderOptions, register_provider
-from .continuation import CONTINUE, CapabilityError, Continuation
+from .continuation import CONTINUE, CapabilityError, Continuation, require_capability
 from .openai_chat import ContinueChatProvider
-from .openai_common import check_k, first_choice, parse_completion_position, to_messages, to_text, usage_of
+from .openai_common import check_k, first_choice, parse_completion_position, usage_of
 from .openai_completions import OpenAICompletionsProvider
 from .openai_provider import openai_provider_kwargs
 
@@ -82,14 +82,13 @@ def server_root(base_url: str) -> str:
 
 def require_exact(provider: Any) -> None:
     """CapabilityError naming the provider when it cannot return exact candidate log-probs."""
-    caps = getattr(provider, "capabilities", frozenset()) or frozenset()
-    if EXACT not in caps:
-        kind = getattr(provider, "kind", type(provider).__name__)
-        raise CapabilityError(
-            f"provider {kind!r} ({type(provider).__name__}) lacks the {EXACT!r} capability: it cannot return "
-            "the log-probs of named candidate tokens. The 'exact' missing-candidate policy needs a vLLM "
-            "server (provider 'vllm', which uses logprob_token_ids); use --missing floor or exclude otherwise"
-        )
+    require_capability(
+        provider,
+        EXACT,
+        "return the log-probs of named candidate tokens",
+        "the 'exact' missing-candidate policy needs a vLLM server (provider 'vllm', which uses "
+        "logprob_token_ids); use --missing floor or exclude otherwise",
+    )
 
 
 def _token_id(text: Any, where: str) -> int:
@@ -174,14 +173,7 @@ class _VLLMCalls:
     # -- /tokenize ---------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The ids the server reads for ``text`` (with BOS etc. when ``add_special_tokens``)."""
-        if not isinstance(text, str) or not text:
-            raise InputError(f"{self.kind}: nothing to tokenize ({text!r})")
-        key = (text, bool(add_special_tokens))
-        hit = self._tok_cache.get(key)
-        if hit is None:
-            hit = _tokenize(self.transport, self.model, self._where, prompt=text, add_special_tokens=key[1])
-            self._tok_cache[key] = hit
-        return list(hit)
+        return _tokenize_text(self, text, add_special_tokens)
 
     def candidate_variants(self, labels: Sequence[str]) -> dict[str, tuple[tuple[str, int], ...]]:
         """Per label, its single-token spelling variants as (text, id) in the server's tokenizer.
@@ -298,6 +290,18 @@ class _VLLMCalls:
         )
 
 
+def _tokenize_text(owner: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """``/tokenize`` of ``text`` for a provider or served model, cached in its ``_tok_cache``."""
+    if not isinstance(text, str) or not text:
+        raise InputError(f"{owner._where}: nothing to tokenize ({text!r})")
+    key = (text, bool(add_special_tokens))
+    hit = owner._tok_cache.get(key)
+    if hit is None:
+        hit = _tokenize(owner.transport, owner.model, owner._where, prompt=text, add_special_tokens=key[1])
+        owner._tok_cache[key] = hit
+    return list(hit)
+
+
 def _tokenize(transport: Transport, model: str, where: str, **fields: Any) -> list[int]:
     """POST {root}/tokenize; CapabilityError when the server has no such route."""
     url = server_root(transport.base_url) + "/tokenize"
@@ -338,14 +342,8 @@ class VLLMChatProvider(_VLLMCalls, ContinueChatProvider):
 
     def exact_params(self, prompt: Prompt, ids: Sequence[int]) -> dict[str, Any]:
         """The request for the log-probs of token ``ids`` at the first generated position."""
-        params: dict[str, Any] = {
-            "model": self.model,
-            "messages": to_messages(prompt),
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": True,
-        }
-        params.update(self.extra_params)
+        params = self.request_params(prompt, 1)
+        del params["top_logprobs"]  # logprob_token_ids takes the place of the top-k
         return self._with_extra_body(params, self._exact_fields(ids))
 
     def _exact_position(self, body: Mapping[str, Any]) -> tuple[int, list[tuple[int, float]]]:
@@ -378,14 +376,7 @@ class VLLMCompletionsProvider(_VLLMCalls, OpenAICompletionsProvider):
 
     def exact_params(self, prompt: Prompt, ids: Sequence[int]) -> dict[str, Any]:
         """The request for the log-probs of token ``ids`` at the first generated position."""
-        params: dict[str, Any] = {
-            "model": self.model,
-            "prompt": to_text(prompt, self.kind),
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": 1,  # vLLM requires it with logprob_token_ids (which then replace the top-k)
-        }
-        params.update(self.extra_params)
+        params = self.request_params(prompt, 1)  # vLLM requires logprobs >= 1 with logprob_token_ids
         return self._with_extra_body(params, self._exact_fields(ids))
 
     def _exact_position(self, body: Mapping[str, Any]) -> tuple[int, list[tuple[int, float]]]:
@@ -602,7 +593,7 @@ class ServedModel:
         self._tok_cache: dict[tuple[str, bool], list[int]] = {}
         self._chat_cache: dict[str, list[int]] = {}
         self._has_chat: bool | None = None
-        self._max_context: int | None = None
+        self._info: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -613,18 +604,22 @@ class ServedModel:
         self.transport.close()
 
     # -- what the pair needs to know -----------------------------------------------------------------
-    @property
-    def max_context(self) -> int:
-        """The server's max_model_len (from /v1/models)."""
-        if self._max_context is None:
+    def served_info(self) -> dict[str, Any]:
+        """This model's entry in the server's ``/v1/models`` (fetched once; ProviderError if absent)."""
+        if self._info is None:
             body, _ = self.transport.call(
                 "models", self.model, {}, lambda client, p: client.get("/models", cast_to=object)
             )
             entry = next((m for m in body.get("data") or [] if m.get("id") == self.model), None)
             if entry is None:
                 raise ProviderError(f"{self._where}: /v1/models does not list model {self.model!r}")
-            self._max_context = int(entry.get("max_model_len") or 2048)
-        return self._max_context
+            self._info = {k: entry.get(k) for k in ("id", "root", "max_model_len")}
+        return self._info
+
+    @property
+    def max_context(self) -> int:
+        """The server's max_model_len (from /v1/models)."""
+        return int(self.served_info().get("max_model_len") or 2048)
 
     @property
     def has_chat_template(self) -> bool:
@@ -646,14 +641,7 @@ class ServedModel:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` in the server's tokenizer."""
-        if not isinstance(text, str) or not text:
-            raise InputError(f"{self._where}: nothing to tokenize ({text!r})")
-        key = (text, bool(add_special_tokens))
-        hit = self._tok_cache.get(key)
-        if hit is None:
-            hit = _tokenize(self.transport, self.model, self._where, prompt=text, add_special_tokens=key[1])
-            self._tok_cache[key] = hit
-        return list(hit)
+        return _tokenize_text(self, text, add_special_tokens)
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Chat-template ids ending with the assistant turn's opening (the server's template)."""
@@ -913,6 +901,22 @@ class ServerExpertPair(ExpertPair):
             "chat_template": self.chat_template,
             "backend": "vllm-server",
         }
+
+    def digest(self) -> str:
+        """A digest of what the served scores depend on: model names, servers, what they load, settings.
+
+        The servers are asked once what they serve (``root`` and ``max_model_len`` of ``/v1/models``),
+        so a server that now loads other weights under the same name gets a new digest.
+        """
+        import hashlib
+        import json
+
+        def one(m: ServedModel) -> dict[str, Any]:
+            return {"name": m.model, "url": m.base_url, "served": m.served_info()}
+
+        e, a = self._models["expert"], self._models["anti"]
+        ident = {**self.identity(), "expert": one(e), "anti": one(a), "strict": self.strict_single_token}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
     def check_shared_tokenizer(self) -> None:
         """Option scoring needs one tokenizer: the two servers must tokenize a probe identically."""

@@ -78,7 +78,8 @@ class VLLMServer(ServerProcess):
     transformers' in float32 and a start-up of about 30 s on CPU instead of 60-150 s (no graph
     compilation). ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (the CPU build's KV cache size).
     ``extra_args`` are appended to vLLM's command line (e.g. ``["--tensor-parallel-size", "2"]``
-    on a GPU machine); ``env`` adds environment variables. It runs in its own process group, so a
+    on a GPU machine); ``env`` adds environment variables. ``aliases`` are further names the model
+    answers to (vLLM's ``--served-model-name`` takes several). It runs in its own process group, so a
     stop also ends vLLM's engine-core child.
     """
 
@@ -105,7 +106,11 @@ class VLLMServer(ServerProcess):
         log_path: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        aliases: Sequence[str] = (),
     ) -> None:
+        if isinstance(aliases, str) or not all(isinstance(a, str) and a.strip() for a in aliases):
+            raise InputError(f"aliases must be a list of non-empty names, got {aliases!r}")
+        self.aliases = [a for a in aliases if a != name]
         self.max_model_len = check_int("max_model_len", max_model_len, 16)
         self.max_logprobs = check_int("max_logprobs", max_logprobs, 1)
         self.kv_cache_gib = check_int("kv_cache_gib", kv_cache_gib, 1)
@@ -114,6 +119,7 @@ class VLLMServer(ServerProcess):
         if isinstance(extra_args, str) or not all(isinstance(a, str) for a in extra_args):
             raise InputError(f"extra_args must be a list of strings, got {extra_args!r}")
         super().__init__(spec, name, port, host, startup_timeout=startup_timeout, log_path=log_path)
+        resolve(spec)  # an unknown model is named before the vLLM install is looked for
         self.python = vllm_python(python)
         self.model_path = vllm_model_path(spec)
         self.dtype = dtype
@@ -128,7 +134,7 @@ class VLLMServer(ServerProcess):
         """The server's command line (the ``vllm`` console script is not used: it fails on vllm-cpu)."""
         cmd = [
             str(self.python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model_path, "--served-model-name", self.model,
+            "--model", self.model_path, "--served-model-name", self.model, *self.aliases,
             "--host", self.host, "--port", str(self.port),
             "--max-model-len", str(self.max_model_len), "--max-logprobs", str(self.max_logprobs),
             "--dtype", self.dtype,

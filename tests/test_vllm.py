@@ -46,12 +46,40 @@ MC = [
     }
 ]
 LABELS = ("A", "B", "C", "D")
+#: a second name of the served model: a served pair with two names runs two models' requests
+ALIAS = "smollm2-twin"
+
+
+def _vllm_processes(port: int) -> list[int]:
+    """Pids of live processes whose command line is a vLLM server on ``port`` (from /proc)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in cmd and str(port).encode() in cmd:
+            pids.append(int(d))
+    return pids
 
 
 @pytest.fixture(scope="session")
 def vllm_server() -> Iterator[Any]:
-    """vLLM's OpenAI server with SmolLM2-135M-Instruct (float32, eager), model name "smollm2"."""
-    from blackbox_proxy.vllm_server import VLLMServer, vllm_python
+    """`blackbox-proxy serve smollm2 --engine vllm`: SmolLM2-135M-Instruct, float32, eager, two names.
+
+    Started through the CLI as a user would; yields an object with ``base_url`` and ``model``; at
+    the end a SIGTERM must stop vLLM and its engine-core child and free the port.
+    """
+    import select
+    import signal
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from blackbox_proxy.vllm_server import vllm_python
 
     try:
         vllm_python()
@@ -60,26 +88,31 @@ def vllm_server() -> Iterator[Any]:
             pytest.skip(f"vLLM is not installed and {OPTIONAL_ENV}=1: {exc}")
         pytest.fail(f"vLLM is required for these tests: {exc} (or set {OPTIONAL_ENV}=1 to skip them)")
     t0 = time.monotonic()
-    srv = VLLMServer(SMOLLM2, "smollm2", max_model_len=2048, dtype="float32", enforce_eager=True)
-    with srv:
-        print(f"\nvLLM server ready in {time.monotonic() - t0:.1f} s")
-        pgid = srv.pid
-        yield srv
-    # a clean stop: SIGTERM ended the server and its engine-core child, and freed the port
+    cmd = [sys.executable, "-m", "blackbox_proxy.cli", "serve", "smollm2", "--model", SMOLLM2]
+    cmd += ["--engine", "vllm", "--dtype", "float32", "--n-ctx", "2048", "--alias", ALIAS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 400)
+    url = proc.stdout.readline().strip() if ready else ""  # type: ignore[union-attr]
+    if not url.startswith("http://"):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"serve --engine vllm printed no base URL: {url!r}; stderr:\n{err[-3000:]}")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    print(f"\nvLLM server ready in {time.monotonic() - t0:.1f} s at {url}")
+    try:
+        yield SimpleNamespace(base_url=url, model="smollm2", port=port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, f"serve exited with {code} on SIGTERM"
     import socket
 
     with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", srv.port)) != 0, "the vLLM port is still open after stop()"
-    assert pgid is not None
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the vLLM port is still open after SIGTERM"
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the killed engine core is reaped by init shortly after
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            break
+    while _vllm_processes(port) and time.monotonic() < deadline:  # killed children are reaped shortly
         time.sleep(0.2)
-    else:
-        pytest.fail(f"processes of the vLLM server's group {pgid} outlived stop()")
+    assert not _vllm_processes(port), "vLLM processes outlived serve's SIGTERM"
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +406,46 @@ def test_mc_with_exact_policy_through_the_cli(vllm_server: Any, tmp_path: Any) -
     assert all(
         df.loc[i, f"base_lp_{lab}"] != "" for i, q in enumerate(qs) for lab in "ABCD"[: len(q["choices"])]
     )
+
+
+def test_mc_with_a_served_pair_through_the_cli(vllm_server: Any, local: Any, tmp_path: Any) -> None:
+    """`mc --expert vllm:NAME@URL --anti-expert vllm:NAME2@URL`: the pair is scored by the server.
+
+    Expert and anti-expert are the same weights under two names (two models' requests), so the
+    offsets are zero and the expert's letter log-probs must equal the in-process model's.
+    """
+    import json
+
+    import pandas as pd
+
+    from blackbox_proxy.cli import main
+    from blackbox_proxy.experts import ExpertPair
+    from blackbox_proxy.types import MCQuestion
+
+    qs = load_truthfulqa()[:3]
+    path = tmp_path / "q.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"id": q.id, "question": q.question, "choices": list(q.choices), "answer": q.answer})
+            + "\n"
+            for q in qs
+        )
+    )
+    url = vllm_server.base_url
+    out = tmp_path / "r.csv"
+    argv = [
+        "mc", str(path), "--provider", "vllm", "--base-url", url, "--model", vllm_server.model,
+        "--expert", f"vllm:{vllm_server.model}@{url}", "--anti-expert", f"vllm:{ALIAS}@{url}",
+        "--score-cache", str(tmp_path / "scores.sqlite"), "--out", str(out), "-q",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    assert (df["error"] == "").all()
+    assert (df["steered_letter"] == df["base_letter"]).all()
+    here = ExpertPair(local, local).score([MCQuestion(q.question, q.choices) for q in qs], list(LABELS))
+    for i, sc in enumerate(here):
+        for lab in qs[i].labels:
+            assert abs(float(df.loc[i, f"expert_lp_{lab}"]) - sc.expert[lab]) < TOL
+            assert abs(float(df.loc[i, f"offset_{lab}"])) < TOL
+    mixed = [a if a != f"vllm:{ALIAS}@{url}" else SMOLLM2 for a in argv]
+    assert main(mixed) == 2  # one side served, the other local: one line, no work

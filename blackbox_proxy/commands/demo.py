@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ SAMPLE_SIZE = 40
 #: about 3 minutes on 2 cores (the full default ran 120 steps in 6 minutes for the same facts)
 DEMO_STEPS = 60
 DOCS = "invented_facts_docs.jsonl"
+#: the replay texts the recipe samples from the untouched default expert base (see data/README.md)
+REPLAY = "demo_replay_smollm2.jsonl"
 FACTS = "invented_facts_mc.jsonl"
 
 
@@ -58,6 +61,9 @@ def demo_expert(base: str, threads: int, quiet: bool) -> Path:
         return out
     print(f"tuning the expert: {base} on {docs.name} ({recipe}; a few minutes, once)", file=sys.stderr)
     t0 = time.perf_counter()
+    if base == DEFAULT_EXPERT_BASE and not (out / "replay_samples.jsonl").exists():
+        out.mkdir(parents=True, exist_ok=True)  # the recipe's own samples, shipped: no sampling pass
+        shutil.copyfile(_data(REPLAY), out / "replay_samples.jsonl")
     train_expert(base, docs, out, TrainConfig(threads=threads, max_steps=DEMO_STEPS), resume=True)
     print(f"expert tuned in {time.perf_counter() - t0:.0f} s: {out}", file=sys.stderr)
     return out

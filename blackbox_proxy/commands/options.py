@@ -324,7 +324,12 @@ def sweep_values(args: argparse.Namespace, default: tuple[float, ...] = (1.0,)) 
 
 
 def build_pairs(args: argparse.Namespace) -> list[Any]:
-    """The expert pairs the flags name (loaded lazily, on first scoring); [] for none."""
+    """The expert pairs the flags name (loaded lazily, on first scoring); [] for none.
+
+    A pair whose two specs are ``vllm:NAME@URL`` is served by vLLM
+    (:class:`~blackbox_proxy.adapters.vllm.ServerExpertPair`): nothing is loaded in-process.
+    """
+    from ..adapters.vllm import SERVED_PREFIX, ServerExpertPair
     from ..experts import ExpertPair
     from ..models import resolve, split_backend
 
@@ -334,25 +339,31 @@ def build_pairs(args: argparse.Namespace) -> list[Any]:
             f"{len(experts)} --expert but {len(antis)} --anti-expert: give one anti-expert per expert"
         )
     pair_alphas(args, len(experts))  # a bad --alpha fails before any model spec is looked at
-    for spec in {s for s in [*experts, *antis]}:
+
+    def served(spec: str) -> bool:
+        return str(spec).startswith(SERVED_PREFIX)
+
+    for e, a in zip(experts, antis, strict=True):
+        if served(e) != served(a):
+            raise InputError(
+                f"--expert {e!r} and --anti-expert {a!r}: a pair is served by vLLM on both sides "
+                f"({SERVED_PREFIX}NAME@URL) or loaded locally on both sides, not one of each"
+            )
+    local = [s for s in [*experts, *antis] if not served(s)]
+    for spec in set(local):
         resolve(split_backend(spec, args.expert_backend)[1])  # unknown specs fail now, before any request
     load: dict[str, Any] = {}
-    backend_of = {s: split_backend(s, args.expert_backend)[0] for s in [*experts, *antis]}
+    backend_of = {s: split_backend(s, args.expert_backend)[0] for s in local}
     if any(b == "llama-cpp" for b in backend_of.values()):
         load = {"n_threads": getattr(args, "threads", None) or default_threads()}
-    pairs = []
+    pairs: list[Any] = []
     for e, a in zip(experts, antis, strict=True):
+        common = {"chat_template": not args.no_chat_template, "batch_size": args.batch_size}
+        if served(e):
+            pairs.append(ServerExpertPair(e, e if a == e else a, **common))
+            continue
         opts = load if backend_of[e] == "llama-cpp" or backend_of[a] == "llama-cpp" else {}
-        pairs.append(
-            ExpertPair(
-                e,
-                a,
-                chat_template=not args.no_chat_template,
-                batch_size=args.batch_size,
-                backend=args.expert_backend,
-                load_options=opts,
-            )
-        )
+        pairs.append(ExpertPair(e, a, backend=args.expert_backend, load_options=opts, **common))
     return pairs
 
 

@@ -1,4 +1,4 @@
-"""``blackbox-proxy serve NAME --port P``: serve a GGUF model over the OpenAI protocol (llama.cpp)."""
+"""``blackbox-proxy serve NAME --port P``: serve a model over the OpenAI protocol (llama.cpp or vLLM)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 from types import FrameType
 from typing import Any
 
+from ..errors import InputError
 from ..server import LocalServer
 from .options import positive_int
 
@@ -40,9 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             max_model_len=args.n_ctx,
             dtype=args.dtype,
+            aliases=args.alias or (),
+            extra_args=args.engine_arg or (),
         )
         weights = server.model_path
     else:
+        if args.alias or args.engine_arg:
+            raise InputError("--alias and --engine-arg are for --engine vllm")
         server = LocalServer(
             args.model or args.name,
             args.name,
@@ -74,9 +79,10 @@ def _serve(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model over the OpenAI protocol with llama.cpp (prints the base URL when ready)",
-        description="Serve a packaged model or GGUF file with llama-cpp-python's OpenAI-compatible server. "
-        "Prints the base URL (ending in /v1) once /v1/models answers; stops cleanly on SIGTERM or Ctrl-C.",
+        help="serve a model over the OpenAI protocol with llama.cpp or vLLM (prints the base URL when ready)",
+        description="Serve a packaged model, GGUF file or model folder with llama-cpp-python's "
+        "OpenAI-compatible server (default) or vLLM's (--engine vllm). Prints the base URL (ending in /v1) "
+        "once /v1/models answers; stops cleanly on SIGTERM or Ctrl-C.",
     )
     p.add_argument(
         "name", help="model name to serve under; also the weights (packaged name or .gguf) unless --model"
@@ -100,5 +106,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("float32", "bfloat16", "float16", "auto"),
         default="float32",
         help="vLLM only: weight dtype (default: float32, log-probs equal to transformers')",
+    )
+    p.add_argument(
+        "--alias",
+        action="append",
+        metavar="NAME",
+        help="vLLM only: a further name the model answers to (repeatable)",
+    )
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        metavar="ARG",
+        help="vLLM only: one argument appended to vLLM's command line, e.g. --engine-arg=--tensor-parallel-size "
+        "--engine-arg=2 (repeatable)",
     )
     p.set_defaults(func=_serve)
