@@ -424,7 +424,9 @@ class _Gate:
     def __init__(self, inner: Any, stop: StopRequest) -> None:
         self._inner, self._stop = inner, stop
         self.in_flight = 0
+        #: requests in flight at the stop that then brought an answer / failed
         self.landed_after_stop = 0
+        self.failed_after_stop = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -435,6 +437,10 @@ class _Gate:
         self.in_flight += 1
         try:
             top = await self._inner.atop_logprobs(*args, **kwargs)
+        except Exception:
+            if self._stop.is_set():
+                self.failed_after_stop += 1
+            raise
         finally:
             self.in_flight -= 1
         if self._stop.is_set():
@@ -713,12 +719,12 @@ class EvaluationRunner:
                 task.result()
                 return
             t0 = time.monotonic()
-            in_flight = gate.in_flight
             while self.run_dir is not None and gate.in_flight and time.monotonic() - t0 < stop.grace:
                 if task.done():
                     break
                 await asyncio.sleep(0.02)
             waited, abandoned = time.monotonic() - t0, gate.in_flight
+            in_flight = gate.landed_after_stop + gate.failed_after_stop + abandoned  # at the stop
             if task.done():  # the last answers landed and the run finished while it waited
                 task.result()
                 return
