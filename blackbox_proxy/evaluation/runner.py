@@ -642,26 +642,23 @@ class EvaluationRunner:
         pending = [q for q in qs if q.id not in done]
         extra_pending = [q for q in extra_qs if q.id not in done]
 
+        stored = set(known)  # ids with a base answer in the store
+
         def on_top(q: MCQuestion, top: TopLogprobs) -> None:
             if base_store is not None:
                 base_store.append({"id": q.id, "digest": digests[q.id], "top": top.to_json()})
+                stored.add(q.id)
 
         def on_record(rec: MCRecord) -> None:
             if res_store is not None:
                 res_store.append(rec.to_json())
             done[rec.id] = rec
 
-        stored = set(known)
-
-        def on_top_stored(q: MCQuestion, top: TopLogprobs) -> None:
-            on_top(q, top)
-            stored.add(q.id)
-
         async def score() -> None:
             await self.engine.ascore(
                 pending,
                 known=known,
-                on_top=on_top_stored,
+                on_top=on_top,
                 on_record=on_record,
                 progress=self.progress,
                 initial=len(qs) - len(pending),
@@ -671,7 +668,7 @@ class EvaluationRunner:
                 await self._base_engine.ascore(
                     extra_pending,
                     known=known,
-                    on_top=on_top_stored,
+                    on_top=on_top,
                     on_record=on_record,
                     progress=self.progress,
                 )
