@@ -50,6 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PAIR = "smollm2-135m-instruct"
 STATE = "state.json"
 RESUME_EXIT = 3
+SETTINGS = (
+    "rate",
+    "timeout",
+    "stall",
+    "retry_after",
+    "concurrency",
+    "clean_timeout",
+    "clean_concurrency",
+    "seed",
+)
 
 
 class Budget:
@@ -79,12 +89,15 @@ def env() -> dict[str, str]:
 
 def eval_cmd(args: argparse.Namespace, base_url: str, work: Path, name: str) -> list[str]:
     """The one ``eval`` command of a run (the same command resumes it)."""
+    clean = name == "clean"
+    timeout = args.clean_timeout if clean else args.timeout
+    concurrency = args.clean_concurrency if clean else args.concurrency
     return [
         sys.executable, "-m", "blackbox_proxy.cli", "eval", "mmlu", "--limit", str(args.n),
         "--base-url", base_url, "--model", "smollm2",
         *([] if args.no_pair else ["--expert", PAIR, "--anti-expert", PAIR]),
         "--score-cache", str(work / "scores.sqlite"),
-        "--top-logprobs", "10", "--concurrency", str(args.concurrency), "--timeout", str(args.timeout),
+        "--top-logprobs", "10", "--concurrency", str(concurrency), "--timeout", str(timeout),
         "--threads", "1", "--chunk-size", "16",
         "--run-dir", str(work / f"{name}.run"), "--out", str(work / f"{name}.csv"), "--quiet",
     ]  # fmt: skip
@@ -169,18 +182,20 @@ def load_state(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         st = json.loads(path.read_text())
         if st["n"] != args.n:
             raise SystemExit(f"{work} holds a run of {st['n']} questions; use --fresh or --n {st['n']}")
+        if not (work / "faulty.run").exists():  # the faulty run has not started: today's settings apply
+            st["settings"] = {k: getattr(args, k) for k in SETTINGS}
+        st.setdefault("clean_failures", [])
         return st
     rng = random.Random(args.seed)
     lo, hi = int(0.15 * args.n), int(0.85 * args.n)
     kills = sorted(rng.sample(range(lo, hi), args.kills))
     return {
         "n": args.n,
-        "settings": {
-            k: getattr(args, k) for k in ("rate", "timeout", "stall", "retry_after", "concurrency", "seed")
-        },
+        "settings": {k: getattr(args, k) for k in SETTINGS},
         "kill_at": kills,  # stored base answers of the faulty run at which it is killed
         "kill_delay": [rng.uniform(0, 1.0) for _ in kills],
         "clean_done": False,
+        "clean_failures": [],
         "clean_s": 0.0,
         "faulty_done": False,
         "faulty_s": 0.0,
@@ -305,8 +320,12 @@ def report(args: argparse.Namespace, st: dict[str, Any], work: Path) -> None:
     print(
         f"settings: faults {st['settings']['rate']:.0%} of requests over {len(faults)} kinds, --timeout "
         f"{st['settings']['timeout']:g} s, stall {st['settings']['stall']:g} s, Retry-After "
-        f"{st['settings']['retry_after']:g} s, --concurrency {st['settings']['concurrency']}, seed {args.seed}"
+        f"{st['settings']['retry_after']:g} s, --concurrency {st['settings']['concurrency']}, seed {args.seed}; "
+        f"clean run --timeout {st['settings'].get('clean_timeout', st['settings']['timeout']):g} s, "
+        f"--concurrency {st['settings'].get('clean_concurrency', st['settings']['concurrency'])}"
     )
+    if st.get("clean_failures"):
+        print(f"clean run: {len(st['clean_failures'])} failed attempt(s) restarted: {st['clean_failures']}")
     print(
         f"proxy: {p['requests']} requests, {n_faults} faults ({n_faults / max(p['requests'], 1):.1%}): "
         + ", ".join(f"{k} {v}" for k, v in sorted(faults.items()))
@@ -368,10 +387,12 @@ def main() -> int:
     )
     ap.add_argument("--budget", type=float, default=780.0, help="seconds of work in this invocation")
     ap.add_argument("--rate", type=float, default=0.2, help="share of requests hit by a fault")
-    ap.add_argument("--timeout", type=float, default=4.0, help="eval --timeout (late_wait is the same)")
-    ap.add_argument("--stall", type=float, default=5.0, help="stall of a stalled answer (s), > --timeout")
+    ap.add_argument("--timeout", type=float, default=6.0, help="faulty run's --timeout (late_wait the same)")
+    ap.add_argument("--stall", type=float, default=9.0, help="stall of a stalled answer (s), > --timeout")
     ap.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of the injected 429s")
-    ap.add_argument("--concurrency", type=int, default=4, help="eval --concurrency")
+    ap.add_argument("--concurrency", type=int, default=6, help="faulty run's --concurrency")
+    ap.add_argument("--clean-timeout", type=float, default=30.0, help="clean run's --timeout")
+    ap.add_argument("--clean-concurrency", type=int, default=2, help="clean run's --concurrency")
     ap.add_argument("--kills", type=int, default=2, help="kill -9 of the faulty run")
     ap.add_argument(
         "--settle", type=float, help="seconds after a kill before counting (default: the stall + 3 s)"
@@ -403,10 +424,17 @@ def main() -> int:
                 server = stack.enter_context(LocalServer(PAIR, "smollm2", n_ctx=2048, n_threads=2))
             if not st["clean_done"]:
                 cmd = eval_cmd(args, server.base_url, work, "clean")
-                outcome, rc, secs = run_until_done(cmd, budget, work / "clean.run" / "base.jsonl")
-                st["clean_s"] += secs
-                if outcome == "failed":
-                    raise SystemExit(f"the clean run failed (status {rc}); see {work / 'eval.log'}")
+                while True:
+                    outcome, rc, secs = run_until_done(cmd, budget, work / "clean.run" / "base.jsonl")
+                    st["clean_s"] += secs
+                    if outcome != "failed":
+                        break
+                    st["clean_failures"].append(
+                        {"rc": rc, "stored": count_lines(work / "clean.run" / "base.jsonl")}
+                    )
+                    save_state(work, st)
+                    if len(st["clean_failures"]) > 5:
+                        raise SystemExit(f"the clean run failed 6 times; see {work / 'eval.log'}")
                 st["clean_done"] = outcome == "done"
                 save_state(work, st)
             if st["clean_done"] and budget.left() > 30:
