@@ -8,9 +8,15 @@ and, with ``--inprocess``, the same through token ids (exact). ``--white-box`` c
 greedy (k = ``--k``) with full-logit greedy on the same GGUF run locally, and counts how often the
 full-logit choice lies outside the base's top-k.
 
-    flock /tmp/bbp-heavy.lock .venv/bin/python benchmarks/bench_blackbox_generation.py \\
-        --expert /work/artifacts/bb_expert/smollm2-nautical --anti-expert smollm2-135m-instruct \\
-        --prompts 20 --tokens 64 --inprocess --white-box --out /tmp/bench_bb.json
+    # token ids (in-process llama.cpp serving the Qwen-1.5B GGUF), a SmolLM2 expert made by train-expert
+    flock /tmp/bbp-heavy.lock .venv/bin/python benchmarks/bench_blackbox_generation.py \
+        --base qwen2.5-coder-1.5b-instruct --no-server --prompts 20 --tokens 64 \
+        --expert EXPERT_DIR --anti-expert smollm2-135m-instruct --out smol_ids.json
+
+``--inprocess`` adds the token-id path to the HTTP one, ``--no-server`` runs it alone; a run too long
+for one sitting splits with ``--first-prompt``/``--prompts`` or ``--skip-speculative`` /
+``--skip-per-token`` plus ``--compare-with EARLIER.json`` (every generation's tokens are saved as
+``*_records``). Measured numbers: benchmarks/results/blackbox_generation.md.
 """
 
 from __future__ import annotations
@@ -62,8 +68,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--inprocess", action="store_true", help="also run through token ids (in-process llama.cpp)"
     )
+    p.add_argument("--no-server", action="store_true", help="skip the HTTP server (token ids only)")
+    p.add_argument("--first-prompt", type=int, default=0, help="index of the first prompt used")
+    p.add_argument("--block-size", type=int, default=8, help="first block length (speculative)")
+    p.add_argument("--min-block", type=int, default=2)
+    p.add_argument("--max-block", type=int, default=32)
+    p.add_argument("--csv", help="append one row per mode and path to this CSV file")
     p.add_argument("--white-box", action="store_true", help="compare with full-logit greedy on the same GGUF")
     p.add_argument("--skip-per-token", action="store_true", help="speculative only (no equality check)")
+    p.add_argument(
+        "--skip-speculative", action="store_true", help="per-token only (compare with --compare-with)"
+    )
+    p.add_argument(
+        "--compare-with",
+        help="a JSON of an earlier run (same prompts): compare its generations with this run's, token for token",
+    )
     p.add_argument("--out", help="write all numbers as JSON here")
     return p.parse_args(argv)
 
@@ -85,6 +104,41 @@ def totals(gens: list[Any]) -> dict[str, Any]:
         "base_seconds": sum(g.accounting.base_seconds for g in gens),
         "pair_seconds": sum(g.accounting.pair_seconds for g in gens),
         "retokenized_calls": sum(len(g.accounting.retokenized) for g in gens),
+    }
+
+
+def records(gens: list[Any]) -> list[dict[str, Any]]:
+    """Per-generation tokens, ids and changed positions (to compare runs made in separate processes)."""
+    return [
+        {
+            "prompt": g.prompt,
+            "tokens": list(g.tokens),
+            "token_ids": list(g.token_ids),
+            "changed": [[c.position, c.base_token, c.steered_token] for c in g.accounting.changed],
+            "retokenized": [dict(r) for r in g.accounting.retokenized],
+        }
+        for g in gens
+    ]
+
+
+def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token-for-token equality of two lists of generation records (up to a re-tokenised prefix)."""
+    same = compared = identical = changed_equal = 0
+    for x, y in zip(a, b, strict=True):
+        assert x["prompt"] == y["prompt"], "the two runs used different prompts"
+        cut = min([r["position"] for r in x["retokenized"] + y["retokenized"]] + [10**9])
+        ta, tb = x["tokens"][:cut], y["tokens"][:cut]
+        n = min(len(ta), len(tb))
+        compared += n
+        same += sum(p == q for p, q in zip(ta[:n], tb[:n], strict=True))
+        identical += ta == tb and x["token_ids"][:cut] == y["token_ids"][:cut]
+        changed_equal += x["changed"] == y["changed"]
+    return {
+        "prompts": len(a),
+        "prompts_identical": identical,
+        "prompts_with_equal_changed_positions": changed_equal,
+        "tokens_compared": compared,
+        "tokens_equal": same,
     }
 
 
@@ -118,7 +172,15 @@ def run_mode(
     from blackbox_proxy.blackbox_decoding import BlackBoxProxyGenerator
     from blackbox_proxy.errors import BlackboxProxyError
 
-    gen = BlackBoxProxyGenerator(provider, pairs, top_logprobs=args.k, speculative=spec)
+    gen = BlackBoxProxyGenerator(
+        provider,
+        pairs,
+        top_logprobs=args.k,
+        speculative=spec,
+        block_size=args.block_size,
+        min_block=args.min_block,
+        max_block=args.max_block,
+    )
     out = []
     for p in prompts:
         try:
@@ -140,6 +202,10 @@ def white_box(
 
     base = load_model(f"llama-cpp:{base_spec}", n_threads=args.threads)
     pair = pairs[0]
+    if base.vocab_size != pair.expert.vocab_size:
+        raise SystemExit(
+            f"--white-box needs a pair with the base's vocabulary ({base.vocab_size} vs {pair.expert.vocab_size})"
+        )
     identical = outside_at_divergence = inside_at_divergence = steps = outside_steps = 0
     divergences = []
     for prompt, g in zip(prompts, bb, strict=True):
@@ -171,14 +237,15 @@ def white_box(
         outside_steps += sum(not f for f in flags)
         full_text = base.decode(ids)
         pos = 0
-        while pos < min(len(ids), len(g.tokens)) and base.decode(ids[: pos + 1]) == "".join(
-            g.tokens[: pos + 1]
+        by_id = all(t is not None for t in g.token_ids)
+        while pos < min(len(ids), len(g.tokens)) and (
+            ids[pos] == g.token_ids[pos]
+            if by_id
+            else base.decode(ids[: pos + 1]) == "".join(g.tokens[: pos + 1])
         ):
             pos += 1
-        if (
-            full_text.startswith(g.text)
-            or g.text.startswith(full_text)
-            or pos >= min(len(ids), len(g.tokens))
+        if pos >= min(len(ids), len(g.tokens)) or (
+            not by_id and (full_text.startswith(g.text) or g.text.startswith(full_text))
         ):
             identical += 1
         else:
@@ -200,6 +267,52 @@ def white_box(
     }
 
 
+def ratios(results: dict[str, Any], path: str) -> dict[str, float] | None:
+    """Speculative over per-token, measured in this run, for one path ("server" or "ids")."""
+    a, b = results.get(f"{path}_speculative"), results.get(f"{path}_per_token")
+    if not a or not b:
+        return None
+    return {
+        key: a[key] / b[key] if b[key] else float("nan")
+        for key in ("api_calls", "calls_per_token", "wall_seconds", "prompt_tokens_sent")
+    }
+
+
+def write_csv(path: str, results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Append one row per (path, mode) with the configuration and the accounting totals."""
+    import csv
+    import os
+
+    rows = []
+    for key in ("server_speculative", "server_per_token", "ids_speculative", "ids_per_token"):
+        if key not in results:
+            continue
+        where, mode = key.split("_", 1)
+        eq = results.get(f"{where}_equality", {})
+        rows.append(
+            {
+                "base": args.base,
+                "expert": args.expert,
+                "anti_expert": args.anti_expert,
+                "alpha": args.alpha,
+                "k": args.k,
+                "path": where,
+                "mode": mode,
+                **results[key],
+                "tokens_equal": eq.get("tokens_equal"),
+                "tokens_compared": eq.get("tokens_compared"),
+            }
+        )
+    if not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -211,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     from blackbox_proxy.server import LocalServer
 
     torch.set_num_threads(args.threads)
-    prompts = PROMPTS[: args.prompts]
+    prompts = PROMPTS[args.first_prompt : args.first_prompt + args.prompts]
     t0 = time.perf_counter()
     expert, anti = load_model(args.expert), load_model(args.anti_expert)
     pairs = [
@@ -221,38 +334,74 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"pair loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     results: dict[str, Any] = {"config": vars(args)}
-    with LocalServer(args.base, "base", n_ctx=2048, n_threads=args.threads) as srv:
-        provider = OpenAICompletionsProvider(
-            srv.model,
-            srv.base_url,
-            max_k=None,
-            timeout=120,
-            extra_params={"extra_body": {"repeat_penalty": 1.0}},
-        )
-        spec = run_mode(provider, pairs, prompts, args, True)
-        results["server_speculative"] = totals(spec)
-        if not args.skip_per_token:
-            slow = run_mode(provider, pairs, prompts, args, False)
-            results["server_per_token"] = totals(slow)
-            results["server_equality"] = compare(spec, slow)
-    if args.inprocess:
+    spec: list[Any] = []
+
+    def save() -> None:  # after every stage, so a run cut short keeps what it measured
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(results, fh, indent=1)
+
+    if not args.no_server:
+        with LocalServer(args.base, "base", n_ctx=2048, n_threads=args.threads) as srv:
+            provider = OpenAICompletionsProvider(
+                srv.model,
+                srv.base_url,
+                max_k=None,
+                timeout=120,
+                extra_params={"extra_body": {"repeat_penalty": 1.0}},
+            )
+            if not args.skip_speculative:
+                spec = run_mode(provider, pairs, prompts, args, True)
+                results["server_speculative"] = totals(spec)
+                results["server_speculative_records"] = records(spec)
+                save()
+            if not args.skip_per_token:
+                slow = run_mode(provider, pairs, prompts, args, False)
+                results["server_per_token"] = totals(slow)
+                results["server_per_token_records"] = records(slow)
+                if spec:
+                    results["server_equality"] = compare(spec, slow)
+                save()
+    if args.inprocess or args.no_server:
         inproc = LlamaCppTopKProvider(args.base, endpoint="completions", n_threads=args.threads)
         try:
-            ispec = run_mode(inproc, pairs, prompts, args, True)
-            results["ids_speculative"] = totals(ispec)
+            ispec: list[Any] = []
+            if not args.skip_speculative:
+                ispec = run_mode(inproc, pairs, prompts, args, True)
+                results["ids_speculative"] = totals(ispec)
+                results["ids_speculative_records"] = records(ispec)
+                save()
             if not args.skip_per_token:
                 islow = run_mode(inproc, pairs, prompts, args, False)
                 results["ids_per_token"] = totals(islow)
-                results["ids_equality"] = compare(ispec, islow)
+                results["ids_per_token_records"] = records(islow)
+                if ispec:
+                    results["ids_equality"] = compare_records(records(ispec), records(islow))
+                save()
         finally:
             inproc.close()
+        spec = ispec or spec  # token ids: the exact black-box output to compare with the white-box path
+    if args.compare_with:
+        with open(args.compare_with) as fh:
+            old = json.load(fh)
+        for where in ("server", "ids"):
+            for mine, theirs in (("speculative", "per_token"), ("per_token", "speculative")):
+                a, b = results.get(f"{where}_{mine}_records"), old.get(f"{where}_{theirs}_records")
+                if a and b:
+                    results[f"{where}_equality_with_earlier_{theirs}"] = compare_records(b, a)
+        save()
     if args.white_box:
         results["white_box_agreement"] = white_box(args.base, pairs, prompts, spec, args)
-    results["examples"] = [{"prompt": prompts[0], "text": spec[0].text}]
-    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+    for where in ("server", "ids"):
+        r = ratios(results, where)
+        if r is not None:
+            results[f"{where}_speculative_over_per_token"] = r
+    results["examples"] = [{"prompt": prompts[0], "text": spec[0].text}] if spec else []
+    shown = {k: v for k, v in results.items() if k != "config" and not k.endswith("_records")}
+    print(json.dumps(shown, indent=1))
+    save()
+    if args.csv:
+        write_csv(args.csv, results, args)
     return 0
 
 
