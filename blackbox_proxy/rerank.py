@@ -18,6 +18,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -487,6 +488,8 @@ class Reranker:
             raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
         #: base requests this engine sent, answered or not (stored answers reused on resume are not counted)
         self.requests = 0
+        #: where the last :meth:`ascore` spent its time, in seconds (see :meth:`ascore`)
+        self.timings: dict[str, float] = {}
 
     # -- what the engine's scores depend on ------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -600,9 +603,20 @@ class Reranker:
         ``on_top`` sees each new base answer as soon as it arrives, ``on_record`` each finished record
         (a run store persists both). A fatal provider error (see :func:`is_fatal`) ends the run after
         the finished records were handed over; any other error stays with its question's record.
+
+        Afterwards :attr:`timings` says where the wall time went: ``wall_s``; ``first_base_s``
+        (waiting for the first base answer, before any scoring); ``pair_s`` (pair scoring, in the
+        worker thread); ``base_wait_s`` (records waiting for base answers after their pair scores
+        were ready: the base's share not hidden behind the pairs); ``overhead_s`` (the rest: ours);
+        and, overlapping those, ``base_busy_s`` (wall time with a base request in flight) and
+        ``base_request_s`` (the sum of request latencies).
         """
         qs = list(questions)
         known = dict(known or {})
+        t_start = time.perf_counter()
+        tm = dict.fromkeys(("first_base_s", "pair_s", "base_wait_s", "base_busy_s", "base_request_s"), 0.0)
+        self.timings = tm
+        inflight = [0, 0.0]  # requests in flight, when the current busy stretch began
         sem = asyncio.Semaphore(self.base_concurrency)
         limit = self.prompt_char_limit()
         bar = None
@@ -629,10 +643,21 @@ class Reranker:
                     )
                 async with sem:
                     self.requests += 1
-                    if self.policy == "exact":  # every option's own log-prob (capability checked above)
-                        top = await self.provider.atop_logprobs(prompt, self.k, candidates=q.labels)  # type: ignore[call-arg]
-                    else:
-                        top = await self.provider.atop_logprobs(prompt, self.k)
+                    t0 = time.perf_counter()
+                    if inflight[0] == 0:
+                        inflight[1] = t0
+                    inflight[0] += 1
+                    try:
+                        if self.policy == "exact":  # every option's own log-prob (capability checked above)
+                            top = await self.provider.atop_logprobs(prompt, self.k, candidates=q.labels)  # type: ignore[call-arg]
+                        else:
+                            top = await self.provider.atop_logprobs(prompt, self.k)
+                    finally:
+                        t1 = time.perf_counter()
+                        tm["base_request_s"] += t1 - t0
+                        inflight[0] -= 1
+                        if inflight[0] == 0:
+                            tm["base_busy_s"] += t1 - inflight[1]
             except BlackboxProxyError as exc:
                 if is_fatal(exc):
                     raise
@@ -646,14 +671,20 @@ class Reranker:
         try:
             first = next((t for q, t in zip(qs, tasks, strict=True) if q.id not in known), None)
             if first is not None:  # a dead server or a bad key fails now, before any model is loaded
+                t0 = time.perf_counter()
                 await asyncio.wait([first])
+                tm["first_base_s"] = time.perf_counter() - t0
                 if first.exception() is not None:
                     raise first.exception()  # type: ignore[misc]
             for start in range(0, len(qs), self.chunk_size):
                 chunk = qs[start : start + self.chunk_size]
+                t0 = time.perf_counter()
                 scores = await asyncio.to_thread(self._score_chunk, chunk)
+                tm["pair_s"] += time.perf_counter() - t0
                 for j, q in enumerate(chunk):
+                    t0 = time.perf_counter()
                     top = await tasks[start + j]
+                    tm["base_wait_s"] += time.perf_counter() - t0
                     sc = scores[j]
                     if isinstance(top, BlackboxProxyError):
                         rec = record_for(q, None, [], _error_text(top))
@@ -673,6 +704,8 @@ class Reranker:
             await asyncio.gather(*tasks, return_exceptions=True)
             if bar is not None:
                 bar.close()
+            tm["wall_s"] = time.perf_counter() - t_start
+            tm["overhead_s"] = tm["wall_s"] - tm["first_base_s"] - tm["pair_s"] - tm["base_wait_s"]
         return out
 
     def prompt_char_limit(self) -> int:

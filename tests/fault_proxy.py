@@ -18,6 +18,10 @@ received, paid, spoiled (paid but delivered unusable), dropped (a stalled answer
 hung up: paid and lost) and ``repaid`` (paid requests whose exact body had been paid and delivered
 usable before: money spent twice). GET requests (``/v1/models``) are forwarded without faults.
 
+``latency=(lo, hi)`` (``--latency LO,HI``) holds every forwarded POST answer for a time drawn
+uniformly from [lo, hi] seconds per request before it is sent: a hosted API's network and queueing
+delay in front of a local server (``benchmarks/bench_mc_overhead.py``). ``stats()["held_s"]`` sums it.
+
 Used by the test suite (``tests/test_reliability.py``) and, as a separate process, by benchmarks:
 ``python tests/fault_proxy.py --upstream http://127.0.0.1:8080/v1 --rate 0.2`` prints its base URL
 and serves until SIGTERM; ``GET /_fault_proxy/stats`` returns the counters as JSON.
@@ -66,6 +70,7 @@ class FaultProxy:
         stall: float = 2.0,
         port: int = 0,
         upstream_timeout: float = 600.0,
+        latency: tuple[float, float] | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
@@ -79,6 +84,14 @@ class FaultProxy:
         self.retry_after = retry_after
         self.stall = stall
         self.upstream_timeout = upstream_timeout
+        if latency is not None:
+            lo, hi = (float(x) for x in latency)
+            if not 0.0 <= lo <= hi:
+                raise ValueError(f"latency must be (lo, hi) seconds with 0 <= lo <= hi, got {latency}")
+            latency = (lo, hi)
+        self.latency = latency
+        self._latency_rng = random.Random(seed + 1)
+        self.held_s = 0.0
         self._rng = random.Random(seed)
         self._script: deque[str] = deque()
         self._lock = threading.Lock()
@@ -130,7 +143,17 @@ class FaultProxy:
                 "repaid": self.repaid,
                 "unique_paid": len(self._paid_by_body),
                 "faults": dict(self.faults),
+                "held_s": self.held_s,
             }
+
+    def _hold(self) -> None:
+        """Wait the drawn latency of one answer (none without ``latency``)."""
+        if self.latency is None:
+            return
+        with self._lock:
+            delay = self._latency_rng.uniform(*self.latency)
+            self.held_s += delay
+        self._closing.wait(delay)
 
     def _draw(self) -> str:
         with self._lock:
@@ -236,7 +259,8 @@ class FaultProxy:
                     data, usable = data[: max(len(data) // 2, 1)], False
                 elif kind == "no_logprobs" and status == 200:
                     data, usable = proxy._strip_logprobs(data), False
-                elif kind == "stall":
+                proxy._hold()
+                if kind == "stall":
                     proxy._closing.wait(proxy.stall)
                     if self._client_gone():
                         with proxy._lock:
@@ -278,8 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of injected 429s (s)")
     ap.add_argument("--stall", type=float, default=2.0, help="how long a stalled answer is held (s)")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--latency", help="hold each answer LO,HI seconds (uniform per request), e.g. 0.3,0.6")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
+    latency = None
+    if args.latency:
+        try:
+            lo, hi = (float(x) for x in args.latency.split(","))
+        except ValueError:
+            ap.error(f"--latency must be LO,HI seconds, got {args.latency!r}")
+        latency = (lo, hi)
     proxy = FaultProxy(
         args.upstream,
         rates=split_rate(args.rate, kinds),
@@ -287,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         retry_after=args.retry_after,
         stall=args.stall,
         port=args.port,
+        latency=latency,
     )
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
