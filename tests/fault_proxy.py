@@ -57,6 +57,13 @@ def split_rate(rate: float, kinds: tuple[str, ...] = FAULT_KINDS) -> dict[str, f
     return {k: rate / len(kinds) for k in kinds}
 
 
+class _Server(ThreadingHTTPServer):
+    """The proxy's listener: a backlog for many clients connecting at once (the default 5 makes the
+    sixth wait a SYN retransmit, about 1 s)."""
+
+    request_queue_size = 128
+
+
 class FaultProxy:
     """A fault-injecting proxy on 127.0.0.1 forwarding to ``upstream`` (a base URL ending in /v1)."""
 
@@ -105,7 +112,7 @@ class FaultProxy:
         self._paid_by_body: Counter[str] = Counter()
         self._usable_bodies: set[str] = set()
         self.repaid = 0
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._httpd = _Server(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
