@@ -182,8 +182,13 @@ def load_state(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         st = json.loads(path.read_text())
         if st["n"] != args.n:
             raise SystemExit(f"{work} holds a run of {st['n']} questions; use --fresh or --n {st['n']}")
+        now = {k: getattr(args, k) for k in SETTINGS}
         if not (work / "faulty.run").exists():  # the faulty run has not started: today's settings apply
-            st["settings"] = {k: getattr(args, k) for k in SETTINGS}
+            st["settings"] = now
+        elif now != st["settings"]:  # changed mid-run (flags only, the run store does not depend on them)
+            stored = count_lines(work / "faulty.run" / "base.jsonl")
+            st.setdefault("settings_history", []).append({"until_stored": stored, "settings": st["settings"]})
+            st["settings"] = now
         st.setdefault("clean_failures", [])
         return st
     rng = random.Random(args.seed)
@@ -324,6 +329,8 @@ def report(args: argparse.Namespace, st: dict[str, Any], work: Path) -> None:
         f"clean run --timeout {st['settings'].get('clean_timeout', st['settings']['timeout']):g} s, "
         f"--concurrency {st['settings'].get('clean_concurrency', st['settings']['concurrency'])}"
     )
+    for h in st.get("settings_history", []):
+        print(f"  (the faulty run's first {h['until_stored']} base answers ran with {h['settings']})")
     if st.get("clean_failures"):
         print(f"clean run: {len(st['clean_failures'])} failed attempt(s) restarted: {st['clean_failures']}")
     print(
@@ -353,8 +360,8 @@ def report(args: argparse.Namespace, st: dict[str, Any], work: Path) -> None:
         f"max |base log-prob difference| {max(diffs) if diffs else math.nan:.3g}"
     )
     print(
-        f"time: clean run {st['clean_s']:.0f} s, faulty run {st['faulty_s']:.0f} s "
-        f"(ratio {st['faulty_s'] / max(st['clean_s'], 1e-9):.2f}), over {st['slots']} slot(s)"
+        f"time: clean run {st['clean_s']:.0f} s (recorded attempts), faulty run {st['faulty_s']:.0f} s "
+        f"(kills, restarts and settling included), over {st['slots']} slot(s)"
     )
     summary = json.dumps(
         {
