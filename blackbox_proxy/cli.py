@@ -6,11 +6,12 @@ import argparse
 import importlib
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .errors import BlackboxProxyError
+from .errors import BlackboxProxyError, RunStopped
 
 #: modules under blackbox_proxy.commands; each exposes ``add_parser(subparsers)`` for its sub-command(s)
 COMMAND_MODULES = ("models", "serve", "mc", "demo", "train", "corpus", "evaluate", "sweep", "generate")
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
+    except RunStopped as stop:  # Ctrl-C / SIGTERM during a run: what was kept, in one line
+        print(f"blackbox-proxy: {stop}", file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if stop.reason == "SIGTERM" else signal.SIGINT)
     except BlackboxProxyError as exc:
         print(f"blackbox-proxy: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class BlackboxProxyError(Exception):
     """Base class of all errors raised by blackbox-proxy."""
@@ -103,3 +105,39 @@ class ModelSpecError(BlackboxProxyError, ValueError):
 
 class ChecksumError(ModelSpecError):
     """A model file's sha256 differs from the expected one."""
+
+
+class RunStopped(Exception):
+    """A run ended by a :class:`~blackbox_proxy.evaluation.runner.StopRequest` (Ctrl-C, SIGTERM); ``str()`` is the one line saying what was kept."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        in_flight: int,
+        kept: int,
+        abandoned: int,
+        waited: float,
+        finished: int,
+        total: int,
+        stored: int,
+        run_dir: os.PathLike[str] | str | None,
+    ) -> None:
+        self.reason, self.in_flight, self.kept, self.abandoned = reason, in_flight, kept, abandoned
+        self.waited, self.finished, self.total, self.stored = waited, finished, total, stored
+        self.run_dir = run_dir
+        if run_dir is None:
+            msg = (
+                f"stopped ({reason}) after {finished} of {total} questions; nothing was stored "
+                "(give --out or --run-dir to make a run resumable)"
+            )
+        else:
+            lost = (
+                f", {abandoned} abandoned after {waited:.1f} s (asked again on resume)" if abandoned else ""
+            )
+            msg = (
+                f"stopped ({reason}): kept {kept} of the {in_flight} base answers in flight{lost}; "
+                f"{finished} of {total} questions finished, {stored} base answers stored in {run_dir}; "
+                "re-run the same command to resume"
+            )
+        super().__init__(msg)

@@ -38,10 +38,11 @@ def _questions(tmp_path: Path) -> Path:
     return path
 
 
-def _eval(server: FaultServer, tmp_path: Path) -> subprocess.Popen[str]:
+def _eval(server: FaultServer, tmp_path: Path, command: str = "eval") -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    what = ["eval", "jsonl", "--data"] if command == "eval" else [command]
     cmd = [
-        sys.executable, "-m", "blackbox_proxy.cli", "eval", "jsonl", "--data", str(_questions(tmp_path)),
+        sys.executable, "-m", "blackbox_proxy.cli", *what, str(_questions(tmp_path)),
         "--base-url", server.base_url, "--model", "m", "--top-logprobs", "3", "--concurrency", "2",
         "--retries", "0", "--timeout", "60", "--out", str(tmp_path / "r.csv"), "-q",
     ]  # fmt: skip
@@ -129,3 +130,22 @@ def test_the_wait_is_bounded_and_a_second_ctrl_c_quits_at_once(
     assert proc.returncode == 130 and time.monotonic() - t0 < 2.5, err[-2000:]
     assert "SIGINT again: stopped at once" in err
     assert len(_stored(tmp_path, BASE_FILE)) == FAST  # the store is intact
+
+
+def test_mc_stops_gracefully_too(fault_server: FaultServer, tmp_path: Path) -> None:
+    """`mc` runs through the same job: SIGTERM keeps the answers in flight, a re-run resumes."""
+    fault_server.push(*[Reply(body=chat_body()) for _ in range(FAST)])
+    fault_server.default = Reply(body=chat_body(), delay=1.5)
+    proc = _eval(fault_server, tmp_path, "mc")
+    _wait_until_held(fault_server, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=STOP_GRACE + 20)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped (SIGTERM): kept 2 of the 2 base answers in flight" in err, err[-2000:]
+    first = _asked(fault_server)
+    fault_server.default = Reply(body=chat_body())
+    fault_server.requests.clear()
+    resumed = _eval(fault_server, tmp_path, "mc")
+    _, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, err[-2000:]
+    assert not set(first) & set(_asked(fault_server)) and len(first) + len(_asked(fault_server)) == N

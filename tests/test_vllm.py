@@ -215,12 +215,16 @@ def test_exact_at_k1_no_candidate_missing_and_values_equal_local(
 def test_exact_async_equals_sync_and_without_top_k(vllm_server: Any, chat: VLLMChatProvider) -> None:
     sync = chat.top_logprobs(MC, 3, candidates=LABELS)
     got = asyncio.run(chat.atop_logprobs(MC, 3, candidates=LABELS))
-    assert got.known() == pytest.approx(sync.known(), abs=1e-6)
+    # the async path sends the top-k and exact requests together, and vLLM batches them: values move
+    # by float32 noise, so near-tied tokens outside the candidates may swap places in the top-3
+    assert match_candidates(got, LABELS) == pytest.approx(match_candidates(sync, LABELS), abs=TOL)
+    top_vals = [sorted((e.logprob for e in t.top_entries()), reverse=True) for t in (got, sync)]
+    assert top_vals[0] == pytest.approx(top_vals[1], abs=TOL)
     only = VLLMChatProvider(vllm_server.model, vllm_server.base_url, with_top_k=False, max_ids=3)
     lean = only.top_logprobs(MC, 3, candidates=LABELS)  # ids split over several requests (max_ids=3)
     assert lean.usage is not None and lean.usage.requests >= 3
     m1, m2 = match_candidates(lean, LABELS), match_candidates(sync, LABELS)
-    assert m1 == pytest.approx(m2, abs=1e-6)
+    assert m1 == pytest.approx(m2, abs=TOL)
 
 
 def test_exact_rejects_a_label_with_no_single_token_spelling(chat: VLLMChatProvider) -> None:
@@ -420,7 +424,6 @@ def test_mc_with_a_served_pair_through_the_cli(vllm_server: Any, local: Any, tmp
 
     from blackbox_proxy.cli import main
     from blackbox_proxy.experts import ExpertPair
-    from blackbox_proxy.types import MCQuestion
 
     qs = load_truthfulqa()[:3]
     path = tmp_path / "q.jsonl"
@@ -442,9 +445,9 @@ def test_mc_with_a_served_pair_through_the_cli(vllm_server: Any, local: Any, tmp
     df = pd.read_csv(out, keep_default_na=False)
     assert (df["error"] == "").all()
     assert (df["steered_letter"] == df["base_letter"]).all()
-    here = ExpertPair(local, local).score([MCQuestion(q.question, q.choices) for q in qs], list(LABELS))
+    here = ExpertPair(local, local).score(qs, list(LABELS))
     for i, sc in enumerate(here):
-        for lab in qs[i].labels:
+        for lab in set(qs[i].labels) & set(LABELS):
             assert abs(float(df.loc[i, f"expert_lp_{lab}"]) - sc.expert[lab]) < TOL
             assert abs(float(df.loc[i, f"offset_{lab}"])) < TOL
     mixed = [a if a != f"vllm:{ALIAS}@{url}" else SMOLLM2 for a in argv]

@@ -14,13 +14,10 @@ exit status is 130 (SIGINT) or 143 (SIGTERM). A second Ctrl-C quits at once.
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 from typing import Any
 
 from ..errors import InputError
 from ..evaluation.datasets import DATASETS, load_dataset
-from ..evaluation.runner import RunStopped, graceful_stop
 from ..evaluation.stats import breakdown, missing_rates
 from ..files import write_table
 from .mcjob import answer_lines, check_outputs, format_summary, run_job
@@ -81,12 +78,7 @@ def load_questions(args: argparse.Namespace) -> list:
 def _run(args: argparse.Namespace) -> int:
     check_outputs(args, inputs=[args.data_dir] if args.data_dir else [])
     qs = load_questions(args)
-    try:
-        with graceful_stop():
-            job = run_job(args, qs)
-    except RunStopped as stop:
-        print(f"blackbox-proxy: {stop}", file=sys.stderr, flush=True)
-        return 128 + (signal.SIGTERM if stop.reason == "SIGTERM" else signal.SIGINT)
+    job = run_job(args, qs)  # a graceful stop raises RunStopped, which cli.main reports
     result, table = job.result, job.table
     print(
         f"{args.dataset}: {len(table)} questions, model {next((m for m in table['model'] if m), '?')}, "

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import InputError
-from ..evaluation.runner import EvalResult, EvaluationRunner
+from ..evaluation.runner import EvalResult, EvaluationRunner, graceful_stop
 from ..files import check_output_path, write_table
 from ..types import MCQuestion
 from .options import build_engine, set_threads, sweep_values
@@ -78,7 +78,8 @@ def run_job(
         debias=getattr(args, "debias", "none"),
         debias_fraction=getattr(args, "debias_fraction", 0.1),
     )
-    result = runner.run(questions, sweep_values(args, default_sweep))
+    with graceful_stop():  # Ctrl-C / SIGTERM: answers in flight are awaited and stored (RunStopped)
+        result = runner.run(questions, sweep_values(args, default_sweep))
     for msg in result.problems:
         print(f"blackbox-proxy: warning: {msg}")
     res = result.debiased()

@@ -39,7 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, RunStopped
 from ..experts import ExpertPair, PairScores
 from ..files import JsonlStore, atomic_write_json, read_text
 from ..option_scoring import OptionScores
@@ -335,42 +335,6 @@ class StopRequest:
     def is_set(self) -> bool:
         """Whether a stop was asked for."""
         return self._event.is_set()
-
-
-class RunStopped(Exception):
-    """A run ended by a :class:`StopRequest`; ``str()`` is the one line saying what was kept."""
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        in_flight: int,
-        kept: int,
-        abandoned: int,
-        waited: float,
-        finished: int,
-        total: int,
-        stored: int,
-        run_dir: Path | None,
-    ) -> None:
-        self.reason, self.in_flight, self.kept, self.abandoned = reason, in_flight, kept, abandoned
-        self.waited, self.finished, self.total, self.stored = waited, finished, total, stored
-        self.run_dir = run_dir
-        if run_dir is None:
-            msg = (
-                f"stopped ({reason}) after {finished} of {total} questions; nothing was stored "
-                "(give --out or --run-dir to make a run resumable)"
-            )
-        else:
-            lost = (
-                f", {abandoned} abandoned after {waited:.1f} s (asked again on resume)" if abandoned else ""
-            )
-            msg = (
-                f"stopped ({reason}): kept {kept} of the {in_flight} base answers in flight{lost}; "
-                f"{finished} of {total} questions finished, {stored} base answers stored in {run_dir}; "
-                "re-run the same command to resume"
-            )
-        super().__init__(msg)
 
 
 _active_stop: StopRequest | None = None
