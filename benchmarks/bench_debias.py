@@ -31,13 +31,14 @@ def main() -> None:
     ap.add_argument(
         "--mmlu", type=int, default=100, help="MMLU validation questions, evenly spaced (0: skip)"
     )
+    ap.add_argument("--rtqa", type=int, default=0, help="first RealtimeQA 2025+ questions (default 0: skip)")
     ap.add_argument("--fractions", default="0.05,0.1,0.2", help="PriDe estimation fractions")
     ap.add_argument("--seeds", type=int, default=5, help="PriDe estimation draws per fraction (default 5)")
     ap.add_argument("--out", help="write rows and priors as JSON here")
     args = ap.parse_args()
 
     template = resolve_template(args.template)
-    data = datasets(args.arc, args.mmlu, 0)
+    data = datasets(args.arc, args.mmlu, args.rtqa)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     rows, priors = [], {}
     with provider_for(args) as provider:
