@@ -127,6 +127,8 @@ class BlackBoxAccounting:
     wall_seconds: float
     base_seconds: float
     pair_seconds: float
+    #: block-scoring requests sent to served pair models (vLLM over HTTP; 0 for in-process pairs)
+    pair_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (changed tokens as a list of dicts)."""
@@ -382,19 +384,93 @@ class _PairContext:
             self._n_cached = keep
 
 
+class _ServedContext:
+    """A pair model on a server (``ServedModel``: vLLM over HTTP) reading one prompt format.
+
+    Every candidate of every block position is one sequence (context + path up to it + the
+    candidate's tokens) scored from the candidate on through ``prompt_logprobs``: one request per
+    block, the server's prefix cache shares the context. Same contract as :class:`_PairContext`.
+    """
+
+    tree = False
+
+    def __init__(self, model: Any, prompt_ids: Sequence[int]) -> None:
+        self.model = model
+        self.ids: list[int] = list(prompt_ids)
+        self._pieces: dict[str, tuple[int, ...]] = {}
+        self.requests = 0
+
+    def pieces(self, text: str) -> tuple[int, ...]:
+        """The server's tokens for ``text`` (no special tokens), memoised."""
+        got = self._pieces.get(text)
+        if got is None:
+            got = tuple(self.model.encode(text, add_special_tokens=False)) if text else ()
+            self._pieces[text] = got
+        return got
+
+    def score_block(self, path: Sequence[str], cands: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+        """log P(c | context + path[:j]) for every candidate c of every block position j (one request)."""
+        flat: list[int] = []
+        starts: list[int] = []
+        for t in path:
+            starts.append(len(flat))
+            flat.extend(self.pieces(t))
+        index: dict[tuple[int, ...], int] = {}
+        seqs: list[list[int]] = []
+        firsts: list[int] = []
+        for j, cs in enumerate(cands):
+            for c in cs:
+                q = self.pieces(c)
+                if not q:
+                    continue
+                seq = tuple(self.ids + flat[: starts[j]] + list(q))
+                if seq not in index:
+                    index[seq] = len(seqs)
+                    seqs.append(list(seq))
+                    firsts.append(len(self.ids) + starts[j])
+        values = self.model.token_logprobs(seqs, firsts) if seqs else []
+        self.requests += bool(seqs)
+        out: list[dict[str, float]] = []
+        for j, cs in enumerate(cands):
+            scores: dict[str, float] = {}
+            for c in cs:
+                q = self.pieces(c)
+                if not q:
+                    scores[c] = 0.0
+                    continue
+                seq = tuple(self.ids + flat[: starts[j]] + list(q))
+                scores[c] = math.fsum(values[index[seq]])
+            out.append(scores)
+        return out
+
+    def commit(self, path: Sequence[str], accepted: int, emitted: str | None) -> None:
+        """Append the accepted path tokens and the emitted one (the server keeps no state of ours)."""
+        for t in path[:accepted]:
+            self.ids.extend(self.pieces(t))
+        if emitted is not None:
+            self.ids.extend(self.pieces(emitted))
+
+
+def _context(model: Any, prompt_ids: Sequence[int]) -> Any:
+    """The pair context for one model: in-process full logits, or a served model scored over HTTP."""
+    if hasattr(model, "token_logprobs") and not hasattr(model, "logprobs"):
+        return _ServedContext(model, prompt_ids)
+    return _PairContext(model, prompt_ids)
+
+
 class _Pairs:
     """Every active pair's contexts (shared where two roles are one model reading one format)."""
 
     def __init__(self, pairs: Sequence[Any], prompt: Prompt) -> None:
         from .decoding import render_prompt
 
-        self.terms: list[tuple[float, _PairContext, _PairContext]] = []
-        contexts: dict[tuple[int, str], _PairContext] = {}
+        self.terms: list[tuple[float, Any, Any]] = []
+        contexts: dict[tuple[int, str], Any] = {}
 
-        def ctx(model: FullLogitsModel, fmt: Any) -> _PairContext:
+        def ctx(model: FullLogitsModel, fmt: Any) -> Any:
             key = (id(model), repr(fmt))
             if key not in contexts:
-                contexts[key] = _PairContext(model, render_prompt(model, prompt, fmt))
+                contexts[key] = _context(model, render_prompt(model, prompt, fmt))
             return contexts[key]
 
         for p in pairs:
@@ -450,7 +526,8 @@ class BlackBoxProxyGenerator:
 
     ``provider`` needs the ``continue`` capability (e.g. ``OpenAICompletionsProvider``,
     ``ContinueChatProvider``, ``LlamaCppTopKProvider``); ``pairs`` are :class:`~blackbox_proxy.
-    experts.ExpertPair` (= ``decoding.ProxyPair``) objects whose models are FullLogitsModels.
+    experts.ExpertPair` (= ``decoding.ProxyPair``) objects whose models are FullLogitsModels, or
+    ``ServerExpertPair`` objects (models served by vLLM: one ``prompt_logprobs`` request per block).
     ``top_logprobs`` is k; ``speculative=False`` asks one token per call. ``block_size`` is the
     first block's length; later blocks adapt between ``min_block`` and ``max_block``. After
     :meth:`stream`, ``last`` holds that generation's full result (text, accounting).
@@ -731,6 +808,7 @@ class _Run:
             wall_seconds=time.perf_counter() - self.t0,
             base_seconds=st.base_s,
             pair_seconds=st.pair_s,
+            pair_requests=sum(getattr(c, "requests", 0) for c in self.pairs.contexts),
         )
         return BlackBoxGeneration(
             prompt=self.prompt,

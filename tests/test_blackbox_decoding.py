@@ -388,3 +388,46 @@ def test_generate_command_black_box_writes_the_continuation_and_the_report(
     assert data["accounting"]["generated_tokens"] == 16 and data["accounting"]["mode"] == "speculative"
     bad = subprocess.run(cmd[:5] + ["--model", "m"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--base-url" in bad.stderr
+
+
+class ScoredOverSequences:
+    """A served model's scoring contract (``encode`` + ``token_logprobs``: vLLM's ``prompt_logprobs``)
+    over a local model, so the served-pair block assembly is checked without a vLLM server."""
+
+    def __init__(self, model: Any) -> None:
+        self.m, self.name = model, model.name
+        self.calls = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.m.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_chat(self, messages: Any) -> list[int]:
+        return self.m.encode_chat(messages)
+
+    def token_logprobs(self, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        self.calls += 1
+        out = []
+        for s, st in zip(seqs, starts, strict=True):
+            lp = self.m.logprobs([list(s)], keep=len(s) - st + 1)[0]
+            out.append([float(lp[i, s[st + i]]) for i in range(len(s) - st)])
+        return out
+
+
+@pytest_integration
+def test_a_pair_scored_as_sequences_steers_like_the_in_process_pair(
+    inproc: Any, smol: Any, changing_pair: Any
+) -> None:
+    from types import SimpleNamespace
+
+    w = ScoredOverSequences(smol)
+    served = SimpleNamespace(expert=w, anti_expert=w, alpha=1.0, expert_format="chat", anti_format="plain")
+    cfg = GenerationConfig(max_new_tokens=16, analysis=True)
+    r = BlackBoxProxyGenerator(inproc, [served], top_logprobs=5).generate(PROMPTS[1], cfg)
+    h = BlackBoxProxyGenerator(inproc, [changing_pair], top_logprobs=5).generate(PROMPTS[1], cfg)
+    assert r.accounting.changed and 2 * (r.accounting.api_calls - 1) <= w.calls <= 2 * r.accounting.api_calls
+    assert r.accounting.pair_requests == w.calls and h.accounting.pair_requests == 0
+    i = divergence(r, h)
+    if i is not None:  # one unbatched pass per sequence vs the cached tree pass: float noise only
+        assert min(r.trace[i].margin, h.trace[i].margin) < 1e-3, (i, r.tokens, h.tokens)
+    else:
+        assert r.tokens == h.tokens
