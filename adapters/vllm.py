@@ -165,7 +165,7 @@ class _VLLMCalls:
     async def atop_logprobs(
         self, prompt: Prompt, k: int = 5, *, candidates: Sequence[str] | None = None
     ) -> TopLogprobs:
-        """Async twin of :meth:`top_logprobs` (the top-k and exact requests run concurrently)."""
+        """Async twin of :meth:`top_logprobs` (other questions overlap; one prompt's requests do not)."""
         if candidates is None:
             return await super().atop_logprobs(prompt, k)  # type: ignore[misc]
         return await _exact_async(self, prompt, k, candidates, super().atop_logprobs)  # type: ignore[misc]
@@ -330,7 +330,7 @@ class VLLMChatProvider(_VLLMCalls, ContinueChatProvider):
     """Chat Completions on a vLLM server: top-k, exact candidate log-probs, and continuing a message.
 
     ``top_logprobs(prompt, k, candidates=labels)`` sends the top-k request and one
-    ``logprob_token_ids`` request (concurrently on the async path) and returns their union: the
+    ``logprob_token_ids`` request (one after the other: see :func:`_exact_async`) and returns their union: the
     top-k entries, then one entry per single-token variant of each label with its exact log-prob
     (``with_top_k=False`` skips the top-k request; ``k`` is then the number of entries).
     ``variants`` are the spellings tried (:data:`VARIANT_TEMPLATES`); ``max_ids`` the ids per
@@ -516,16 +516,19 @@ def _exact_sync(
 async def _exact_async(
     provider: Any, prompt: Prompt, k: int, candidates: Sequence[str], top_call: Any
 ) -> TopLogprobs:
-    """Async twin of :func:`_exact_sync`: the requests run concurrently."""
+    """Async twin of :func:`_exact_sync`: one prompt's requests go one after the other.
+
+    They must not be in flight together: vLLM 0.32 (CPU) batches a top-k request with a
+    ``logprob_token_ids`` request for the same prompt into one step and then returns the requested
+    ids, not the top-k, to the top-k request (measured: 3 of 12 concurrent pairs; never for different
+    prompts). Other questions' requests still overlap, so throughput is unchanged.
+    """
     check_k(k, provider.max_k, provider.kind)
     variants = provider._variants_ready(candidates)
     if variants is None:
         variants = await asyncio.to_thread(provider.candidate_variants, candidates)
-    jobs = [provider._aexact_call(prompt, ids) for ids in provider._id_chunks(variants)]
-    if provider.with_top_k:
-        top, *got = await asyncio.gather(top_call(prompt, k), *jobs)
-    else:
-        top, got = None, list(await asyncio.gather(*jobs))
+    top = await top_call(prompt, k) if provider.with_top_k else None
+    got = [await provider._aexact_call(prompt, ids) for ids in provider._id_chunks(variants)]
     return _assemble(provider, variants, top, got, k)
 
 

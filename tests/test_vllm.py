@@ -214,12 +214,13 @@ def test_exact_at_k1_no_candidate_missing_and_values_equal_local(
 
 def test_exact_async_equals_sync_and_without_top_k(vllm_server: Any, chat: VLLMChatProvider) -> None:
     sync = chat.top_logprobs(MC, 3, candidates=LABELS)
-    got = asyncio.run(chat.atop_logprobs(MC, 3, candidates=LABELS))
-    # the async path sends the top-k and exact requests together, and vLLM batches them: values move
-    # by float32 noise, so near-tied tokens outside the candidates may swap places in the top-3
-    assert match_candidates(got, LABELS) == pytest.approx(match_candidates(sync, LABELS), abs=TOL)
-    top_vals = [sorted((e.logprob for e in t.top_entries()), reverse=True) for t in (got, sync)]
-    assert top_vals[0] == pytest.approx(top_vals[1], abs=TOL)
+    # the same top-k and the same candidates: one prompt's requests are never in flight together
+    # (vLLM batched a concurrent top-k + logprob_token_ids pair and answered the top-k request with the
+    # requested ids), so this repeats to catch the 1-in-4 case
+    for _ in range(4):
+        got = asyncio.run(chat.atop_logprobs(MC, 3, candidates=LABELS))
+        assert [e.token for e in got.top_entries()] == [e.token for e in sync.top_entries()]
+        assert got.known() == pytest.approx(sync.known(), abs=TOL)
     only = VLLMChatProvider(vllm_server.model, vllm_server.base_url, with_top_k=False, max_ids=3)
     lean = only.top_logprobs(MC, 3, candidates=LABELS)  # ids split over several requests (max_ids=3)
     assert lean.usage is not None and lean.usage.requests >= 3
