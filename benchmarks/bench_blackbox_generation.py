@@ -124,8 +124,9 @@ def records(gens: list[Any]) -> list[dict[str, Any]]:
 def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
     """Token-for-token equality of two lists of generation records (up to a re-tokenised prefix)."""
     same = compared = identical = changed_equal = 0
-    for x, y in zip(a, b, strict=True):
-        assert x["prompt"] == y["prompt"], "the two runs used different prompts"
+    by_prompt = {y["prompt"]: y for y in b}
+    pairs = [(x, by_prompt[x["prompt"]]) for x in a if x["prompt"] in by_prompt]
+    for x, y in pairs:
         cut = min([r["position"] for r in x["retokenized"] + y["retokenized"]] + [10**9])
         ta, tb = x["tokens"][:cut], y["tokens"][:cut]
         n = min(len(ta), len(tb))
@@ -134,7 +135,7 @@ def compare_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[st
         identical += ta == tb and x["token_ids"][:cut] == y["token_ids"][:cut]
         changed_equal += x["changed"] == y["changed"]
     return {
-        "prompts": len(a),
+        "prompts": len(pairs),
         "prompts_identical": identical,
         "prompts_with_equal_changed_positions": changed_equal,
         "tokens_compared": compared,
@@ -194,39 +195,54 @@ def run_mode(
 def white_box(
     base_spec: str, pairs: list[Any], prompts: list[str], bb: list[Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Full-logit greedy over the whole vocabulary vs the black-box output, on the same GGUF locally."""
+    """Full-logit greedy over the whole vocabulary vs the black-box output, on the same GGUF locally.
+
+    The base's full rows come from the same in-process llama.cpp evaluation as the black-box token-id
+    path (one token per decode), so the two differ only in the candidate set (top-k vs everything).
+    """
+    import llama_cpp
+    import numpy as np
     import torch
+    from blackbox_proxy.adapters.llama_cpp_inprocess import LlamaCppTopKProvider
 
     from blackbox_proxy.decoding import render_prompt
-    from blackbox_proxy.models import load_model
 
-    base = load_model(f"llama-cpp:{base_spec}", n_threads=args.threads)
+    prov = LlamaCppTopKProvider(base_spec, endpoint="completions", n_threads=args.threads)
+    llm = prov._llm
     pair = pairs[0]
-    if base.vocab_size != pair.expert.vocab_size:
+    if llm.n_vocab() != pair.expert.vocab_size:
         raise SystemExit(
-            f"--white-box needs a pair with the base's vocabulary ({base.vocab_size} vs {pair.expert.vocab_size})"
+            f"--white-box needs a pair with the base's vocabulary ({llm.n_vocab()} vs {pair.expert.vocab_size})"
         )
+
+    def base_row(seq: list[int]) -> Any:
+        prov._evaluate(llm, seq)
+        return torch.from_numpy(np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64))
+
     identical = outside_at_divergence = inside_at_divergence = steps = outside_steps = 0
     divergences = []
     for prompt, g in zip(prompts, bb, strict=True):
+        prompt_ids = prov.tokenize(prompt)
         sessions = [
-            base.open([render_prompt(base, prompt, "plain")]),
             pair.expert.open([render_prompt(pair.expert, prompt, pair.expert_format)]),
             pair.anti_expert.open([render_prompt(pair.anti_expert, prompt, pair.anti_format)]),
         ]
         ids: list[int] = []
         flags: list[bool] = []
+        margins: list[float] = []
         try:
             for _ in range(args.tokens):
-                n = min(base.vocab_size, pair.expert.vocab_size)
-                b = torch.log_softmax(sessions[0].logits()[0, :n].double(), -1)
-                e = torch.log_softmax(sessions[1].logits()[0, :n].double(), -1)
-                a = torch.log_softmax(sessions[2].logits()[0, :n].double(), -1)
+                n = pair.expert.vocab_size
+                b = torch.log_softmax(base_row(prompt_ids + ids)[:n], -1)
+                e = torch.log_softmax(sessions[0].logits()[0, :n].double(), -1)
+                a = torch.log_softmax(sessions[1].logits()[0, :n].double(), -1)
                 steered = b + pair.alpha * (e - a)
+                top2 = torch.topk(steered, 2).values
+                margins.append(float(top2[0] - top2[1]))
                 tok = int(steered.argmax())
                 flags.append(tok in set(torch.topk(b, args.k).indices.tolist()))
                 ids.append(tok)
-                if tok in base.eos_token_ids:
+                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
                     break
                 for s in sessions:
                     s.feed([tok])
@@ -235,13 +251,14 @@ def white_box(
                 s.close()
         steps += len(flags)
         outside_steps += sum(not f for f in flags)
-        full_text = base.decode(ids)
+        full_text = llm.detokenize(ids, prev_tokens=prompt_ids).decode("utf-8", errors="replace")
         pos = 0
         by_id = all(t is not None for t in g.token_ids)
         while pos < min(len(ids), len(g.tokens)) and (
             ids[pos] == g.token_ids[pos]
             if by_id
-            else base.decode(ids[: pos + 1]) == "".join(g.tokens[: pos + 1])
+            else llm.detokenize(ids[: pos + 1], prev_tokens=prompt_ids).decode("utf-8", errors="replace")
+            == "".join(g.tokens[: pos + 1])
         ):
             pos += 1
         if pos >= min(len(ids), len(g.tokens)) or (
@@ -253,8 +270,14 @@ def white_box(
             outside_at_divergence += outside
             inside_at_divergence += not outside
             divergences.append(
-                {"prompt": prompt, "position": pos, "full_logit_choice_outside_top_k": outside}
+                {
+                    "prompt": prompt,
+                    "position": pos,
+                    "full_logit_choice_outside_top_k": outside,
+                    "full_logit_margin": margins[pos] if pos < len(margins) else None,
+                }
             )
+    prov.close()
     return {
         "prompts": len(prompts),
         "identical": identical,
@@ -372,12 +395,14 @@ def main(argv: list[str] | None = None) -> int:
                 results["ids_speculative_records"] = records(ispec)
                 save()
             if not args.skip_per_token:
-                islow = run_mode(inproc, pairs, prompts, args, False)
-                results["ids_per_token"] = totals(islow)
-                results["ids_per_token_records"] = records(islow)
-                if ispec:
-                    results["ids_equality"] = compare_records(records(ispec), records(islow))
-                save()
+                islow = []
+                for i in range(0, len(prompts), 5):  # saved every 5 prompts: a run cut short keeps them
+                    islow += run_mode(inproc, pairs, prompts[i : i + 5], args, False)
+                    results["ids_per_token"] = totals(islow)
+                    results["ids_per_token_records"] = records(islow)
+                    if ispec:
+                        results["ids_equality"] = compare_records(records(ispec), records(islow))
+                    save()
         finally:
             inproc.close()
         spec = ispec or spec  # token ids: the exact black-box output to compare with the white-box path
