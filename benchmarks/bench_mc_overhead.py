@@ -27,6 +27,14 @@ say how many each uses. Each run must fit a 12-minute slot on 2 cores; run the s
     python benchmarks/bench_mc_overhead.py --settings local --n 200
     python benchmarks/bench_mc_overhead.py --settings hosted --n 200
     python benchmarks/bench_mc_overhead.py --settings local --n 40 --before-src /tmp/bbp-before
+
+Measured 2026-12-02 (2 shared cores, heavy lock held;
+``--n 32 --settings local,hosted --before-src DIR --before-n 16``, pair SmolLM2 - SmolLM2 on
+transformers float32, 2 torch threads, server 2 threads, top-20): local 60.9 s -> 66.4 s, ratio
+1.089 (0.53 / 0.48 q/s); hosted stand-in 60.7 s -> 65.7 s, ratio 1.081 (the stand-in's server shares
+the cores, so it is server-bound and its latency is hidden either way); round 1 (5faf00f, 16 q, its
+legacy prompt) ratio 1.266; engine overhead under 0.01 s; pair alone 2.00 q/s without the prefix
+reuse, 2.56 q/s with it (1.28x), largest log-prob difference 1.5e-05, all 32 steered answers equal.
 """
 
 from __future__ import annotations
