@@ -228,6 +228,15 @@ def speculative_sample(probs: Mapping[str, float], draft: str, rng: random.Rando
 # ----------------------------------------------------------------------------- pair side
 
 
+def _pieces(model: Any, memo: dict[str, tuple[int, ...]], text: str) -> tuple[int, ...]:
+    """``model``'s tokens for ``text`` without special tokens, memoised in ``memo``."""
+    got = memo.get(text)
+    if got is None:
+        got = tuple(model.encode(text, add_special_tokens=False)) if text else ()
+        memo[text] = got
+    return got
+
+
 class _PairContext:
     """One local model reading one prompt format: its token context and KV cache across blocks."""
 
@@ -245,11 +254,7 @@ class _PairContext:
 
     def pieces(self, text: str) -> tuple[int, ...]:
         """This model's tokens for ``text`` (no special tokens), memoised."""
-        got = self._pieces.get(text)
-        if got is None:
-            got = tuple(self.model.encode(text, add_special_tokens=False)) if text else ()
-            self._pieces[text] = got
-        return got
+        return _pieces(self.model, self._pieces, text)
 
     # -- scoring ---------------------------------------------------------------------------------
     def score_block(self, path: Sequence[str], cands: Sequence[Sequence[str]]) -> list[dict[str, float]]:
@@ -402,11 +407,7 @@ class _ServedContext:
 
     def pieces(self, text: str) -> tuple[int, ...]:
         """The server's tokens for ``text`` (no special tokens), memoised."""
-        got = self._pieces.get(text)
-        if got is None:
-            got = tuple(self.model.encode(text, add_special_tokens=False)) if text else ()
-            self._pieces[text] = got
-        return got
+        return _pieces(self.model, self._pieces, text)
 
     def score_block(self, path: Sequence[str], cands: Sequence[Sequence[str]]) -> list[dict[str, float]]:
         """log P(c | context + path[:j]) for every candidate c of every block position j (one request)."""

@@ -453,3 +453,35 @@ def test_mc_with_a_served_pair_through_the_cli(vllm_server: Any, local: Any, tmp
             assert abs(float(df.loc[i, f"offset_{lab}"])) < TOL
     mixed = [a if a != f"vllm:{ALIAS}@{url}" else SMOLLM2 for a in argv]
     assert main(mixed) == 2  # one side served, the other local: one line, no work
+
+
+# ------------------------------------------------------------------------------ black-box generation
+
+
+def test_black_box_generation_with_a_served_pair_equals_the_in_process_pair(
+    vllm_server: Any, comp: VLLMCompletionsProvider, served: ServedModel, local: Any
+) -> None:
+    """Base and pair all on vLLM (no model in-process): the same steered tokens as the local pair."""
+    from blackbox_proxy.blackbox_decoding import BlackBoxProxyGenerator
+    from blackbox_proxy.experts import ExpertPair
+    from blackbox_proxy.sampling import GenerationConfig
+
+    remote = ServerExpertPair(served, ServedModel(ALIAS, vllm_server.base_url))
+    remote.expert_format, remote.anti_format = "chat", "plain"  # a pair that really changes tokens
+    here = ExpertPair(local, local, expert_format="chat", anti_format="plain")
+    cfg = GenerationConfig(max_new_tokens=20, analysis=True)
+    changed = 0
+    for prompt in ("Once upon a time, a dragon who loved to bake bread", "The function of the heart is to"):
+        r = BlackBoxProxyGenerator(comp, [remote], top_logprobs=8).generate(prompt, cfg)
+        h = BlackBoxProxyGenerator(comp, [here], top_logprobs=8).generate(prompt, cfg)
+        a = r.accounting  # one request per block per model (a last empty block at end of text: none)
+        assert 2 * (a.api_calls - 1) <= a.pair_requests <= 2 * a.api_calls
+        assert h.accounting.pair_requests == 0
+        changed += len(r.accounting.changed)
+        i = next((j for j, (a, b) in enumerate(zip(r.tokens, h.tokens, strict=False)) if a != b), None)
+        if i is not None:  # only across a near-tie (vLLM vs transformers kernels: ~1e-5)
+            assert min(r.trace[i].margin, h.trace[i].margin) < 1e-2, (prompt, i, r.tokens, h.tokens)
+        assert [(c.position, c.steered_token) for c in r.accounting.changed if c.position < (i or 99)] == [
+            (c.position, c.steered_token) for c in h.accounting.changed if c.position < (i or 99)
+        ]
+    assert changed >= 2
