@@ -360,7 +360,7 @@ def build_pairs(args: argparse.Namespace) -> list[Any]:
     for e, a in zip(experts, antis, strict=True):
         common = {"chat_template": not args.no_chat_template, "batch_size": args.batch_size}
         if served(e):
-            pairs.append(ServerExpertPair(e, e if a == e else a, **common))
+            pairs.append(ServerExpertPair(e, a, **common))
             continue
         opts = load if backend_of[e] == "llama-cpp" or backend_of[a] == "llama-cpp" else {}
         pairs.append(ExpertPair(e, a, backend=args.expert_backend, load_options=opts, **common))
