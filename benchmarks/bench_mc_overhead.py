@@ -131,6 +131,13 @@ def pair_alone(pair: Any, qs: list[Any], reuse: bool) -> tuple[float, list[Any]]
     return time.perf_counter() - t, out
 
 
+def pin(pid: int | None, cores: str) -> None:
+    """Every thread of process ``pid`` onto ``cores`` (``taskset -a``); new threads inherit it."""
+    if pid is None:
+        raise SystemExit("the server is not running: nothing to pin")
+    subprocess.run(["taskset", "-a", "-cp", cores, str(pid)], check=True, capture_output=True)
+
+
 def start_latency_proxy(upstream: str, latency: str, seed: int) -> tuple[subprocess.Popen[str], str]:
     """``tests/fault_proxy.py`` as its own process (no faults, ``latency`` held per answer); its URL."""
     cmd = [sys.executable, str(REPO / "tests" / "fault_proxy.py"), "--upstream", upstream, "--rate", "0"]
@@ -219,6 +226,13 @@ def main() -> None:
         default="default",
         help="OpenMP wait policy of torch's threads (passive: no spinning that steals the server's cores)",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="hosted setting: the server's threads on core 0 (the provider's hardware), this process "
+        "(the pair) on core 1, so the pair does not compete with the base's compute as it would not "
+        "against a real API (use with --server-threads 1 --threads 1)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     settings = [s for s in args.settings.split(",") if s]
@@ -238,7 +252,9 @@ def main() -> None:
     qs = questions(args.n, args.datasets)
     n = len(qs)
     t = time.perf_counter()
-    opts = {"shared": False} if args.expert == args.anti_expert else {}
+    opts: dict[str, Any] = {"shared": False} if args.expert == args.anti_expert else {}
+    if args.backend == "llama-cpp":
+        opts["n_threads"] = args.threads
     pair = ExpertPair(
         load_model(args.expert, args.backend, **opts),
         load_model(args.anti_expert, args.backend, **opts),
@@ -258,11 +274,17 @@ def main() -> None:
                 results.append(run_setting(name, srv.base_url, srv.model, pair, qs, args))
                 continue
             proc, url = start_latency_proxy(srv.base_url, args.latency, args.seed)
+            if args.pin:
+                pin(srv.pid, "0")
+                pin(os.getpid(), "1")
             try:
                 results.append(run_setting(name, url, srv.model, pair, qs, args))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
+                if args.pin:
+                    pin(srv.pid, f"0-{(os.cpu_count() or 1) - 1}")
+                    pin(os.getpid(), f"0-{(os.cpu_count() or 1) - 1}")
         if args.before_src:
             before = run_before(args.before_src, srv.base_url, srv.model, args, args.before_n or n)
             print(f"round 1: {json.dumps(before)}", flush=True)
@@ -287,6 +309,8 @@ def main() -> None:
     for r in results:
         tb, tp, tm = r["t_base"], r["t_proxy"], r["proxy_timings"]
         extra = f", latency {args.latency} s" if r["setting"] == "hosted" else ""
+        if r["setting"] == "hosted" and args.pin:
+            extra += ", server pinned to core 0, pair to core 1"
         print(f"\n[{r['setting']}] concurrency {r['concurrency']}{extra}")
         print(f"  base only     {tb:7.1f} s  {n / tb:6.2f} q/s")
         print(f"  proxy-tuned   {tp:7.1f} s  {n / tp:6.2f} q/s")
