@@ -283,8 +283,9 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
                 if args.pin:
-                    pin(srv.pid, f"0-{(os.cpu_count() or 1) - 1}")
-                    pin(os.getpid(), f"0-{(os.cpu_count() or 1) - 1}")
+                    every = f"0-{(os.cpu_count() or 1) - 1}"
+                    pin(srv.pid, every)
+                    pin(os.getpid(), every)
         if args.before_src:
             before = run_before(args.before_src, srv.base_url, srv.model, args, args.before_n or n)
             print(f"round 1: {json.dumps(before)}", flush=True)
