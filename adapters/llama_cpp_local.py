@@ -12,12 +12,15 @@ import contextlib
 import ctypes
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError, ModelSpecError
 
 KIND = "llama-cpp"
+#: shortest shared prefix worth keeping (shorter ones are scored with the rows)
+MIN_SHARED_PREFIX = 8
 
 
 class LlamaCppSession:
@@ -146,6 +149,132 @@ class LlamaCppSession:
         self.close()
 
 
+class _PrefixScorer:
+    """One persistent llama.cpp context for scoring: sequence 0 keeps a shared prefix, rows use 1.
+
+    The KV buffer is unified, so copying the prefix into the row's sequence adds the row's id to the
+    prefix cells instead of duplicating them; the row's own cells are removed after it is scored.
+    """
+
+    def __init__(self, owner: LlamaCppModel) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        self._owner = owner
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = 2
+        params.n_ctx = 2 * owner.n_ctx  # a prefix and a row, each shorter than n_ctx
+        params.kv_unified = True
+        params.n_batch = owner.n_batch
+        params.n_ubatch = owner.n_batch
+        params.n_threads = owner.n_threads
+        params.n_threads_batch = owner.n_threads
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if owner.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        self._ctx = _internals.LlamaContext(model=owner.llama_model, params=params, verbose=False)
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(owner.n_batch, 0, 1)
+        #: token ids held by sequence 0
+        self.prefix: tuple[int, ...] = ()
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+        """Decode (seq, pos, token, want_logits) items in n_batch chunks; the wanted logits rows."""
+        import numpy as np
+
+        n_vocab = self._owner.vocab_size
+        rows: list[Any] = []
+        step = self._owner.n_batch
+        for start in range(0, len(items), step):
+            part = items[start : start + step]
+            batch = self._batch
+            for i, (seq, pos, token, want) in enumerate(part):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = want
+            batch.n_tokens = len(part)
+            code = self._lib.llama_decode(self._ctx.ctx, batch)
+            if code != 0:
+                raise InputError(
+                    f"llama_decode failed with code {code} while scoring (model {self._owner.name!r})"
+                )
+            for i, (_, _, _, want) in enumerate(part):
+                if want:
+                    ptr = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
+                    rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+        return rows
+
+    def _keep_prefix(self, seqs: Sequence[Sequence[int]], keep: int) -> int:
+        """Tokens of sequence 0 the rows can start from: the kept prefix cut to what they share, or a
+        newly evaluated one; 0 when the rows share too little."""
+        limit = min(len(s) for s in seqs) - keep
+        first = seqs[0]
+        common = 0
+        while common < limit and all(s[common] == first[common] for s in seqs):
+            common += 1
+        kept = 0
+        while kept < len(self.prefix) and kept < common and self.prefix[kept] == first[kept]:
+            kept += 1
+        if kept >= MIN_SHARED_PREFIX:
+            if kept < len(self.prefix):
+                self._lib.llama_memory_seq_rm(self._mem, 0, kept, -1)
+                self.prefix = self.prefix[:kept]
+            return kept
+        self._lib.llama_memory_seq_rm(self._mem, 0, -1, -1)
+        self.prefix = ()
+        if common < MIN_SHARED_PREFIX:
+            return 0
+        self._decode([(0, pos, int(t), False) for pos, t in enumerate(first[:common])])
+        self.prefix = tuple(int(t) for t in first[:common])
+        self._owner.prefix_stats["prefix_tokens"] += common
+        return common
+
+    def score(self, seqs: Sequence[Sequence[int]], keep: int) -> Any:
+        """Logits of the last ``keep`` positions of each row (fewer for shorter rows), row by row.
+
+        Rows are decoded one after another as sequence 1, each on top of the kept prefix: a row's
+        numbers then never depend on which other rows share its batch (llama.cpp's sums move with
+        the KV layout), and on CPU it is faster than one decode of all rows, whose attention spans
+        every row's cells.
+        """
+        import numpy as np
+        import torch
+
+        p = self._keep_prefix(seqs, keep)
+        out: list[Any] = []
+        for s in seqs:
+            try:
+                if p:
+                    self._lib.llama_memory_seq_cp(self._mem, 0, 1, 0, p)
+                out.extend(
+                    self._decode([(1, pos, int(s[pos]), pos >= len(s) - keep) for pos in range(p, len(s))])
+                )
+            finally:
+                self._lib.llama_memory_seq_rm(self._mem, 1, -1, -1)
+        stats = self._owner.prefix_stats
+        stats["reused_tokens"] += p * len(seqs)
+        stats["calls"] += 1
+        return torch.from_numpy(np.stack(out))
+
+    def close(self) -> None:
+        """Free the context and its batch."""
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 class LlamaCppModel:
     """A GGUF model on llama.cpp behind the FullLogitsModel protocol (CPU, full logits every step)."""
 
@@ -196,6 +325,11 @@ class LlamaCppModel:
         #: longest sequence a row may hold (the context it was opened with)
         self.max_context = n_ctx
         self.unk_token_id: int | None = None
+        #: keep the prefix every scored row shares in a persistent context (see :meth:`logprobs`)
+        self.prefix_reuse = True
+        self.prefix_stats = {"reused_tokens": 0, "prefix_tokens": 0, "calls": 0}
+        self._scorer: _PrefixScorer | None = None
+        self._scorer_lock = threading.Lock()
 
     def vocab(self) -> list[str]:
         """Token texts by id, as stored in the GGUF file."""
@@ -254,15 +388,33 @@ class LlamaCppModel:
         return LlamaCppSession(self, prompts)
 
     def logprobs(self, seqs: Sequence[Sequence[int]], keep: int = 1) -> Any:
-        """Log-softmax at the last ``keep`` positions of each sequence (one sequence per llama.cpp row)."""
+        """Log-softmax at the last ``keep`` positions of each sequence, [batch, keep, vocab] float32.
+
+        With :attr:`prefix_reuse` (the default) the rows are scored one by one in one persistent
+        llama.cpp context: a prefix every row shares (at least :data:`MIN_SHARED_PREFIX` tokens,
+        outside the last ``keep`` positions) is kept as sequence 0 across calls and shared with each
+        row (unified KV: the cells are shared, not copied), so the instruction and few-shot text
+        every question repeats is evaluated once, and a row's numbers equal those of the row alone
+        in a fresh context whatever batch it came in. Otherwise one fresh context per call.
+        """
         import torch
 
         if not seqs or any(not s for s in seqs):
             raise InputError(f"logprobs() needs non-empty sequences (model {self.name!r})")
         if keep < 1:
             raise InputError(f"keep={keep} must be at least 1")
-        with LlamaCppSession(self, seqs, keep=keep, compact=True) as session:
-            rows = torch.log_softmax(session.logits(), dim=-1)  # the wanted rows, sequence by sequence
+        longest = max(len(s) for s in seqs)
+        if longest >= self.n_ctx:
+            raise InputError(
+                f"a prompt has {longest} tokens; model {self.name!r} was opened with n_ctx={self.n_ctx}"
+            )
+        if self.prefix_reuse:
+            with self._scorer_lock:
+                rows = self._reuse_scorer().score(seqs, keep)
+        else:
+            with LlamaCppSession(self, seqs, keep=keep, compact=True) as session:
+                rows = session.logits()  # the wanted rows, sequence by sequence
+        rows = torch.log_softmax(rows, dim=-1)
         # a sequence shorter than keep fills only the end of its window (the rest: -inf, never read)
         out = torch.full((len(seqs), keep, rows.shape[-1]), -math.inf)
         start = 0
@@ -272,8 +424,22 @@ class LlamaCppModel:
             start += n
         return out
 
+    def _reuse_scorer(self) -> _PrefixScorer:
+        """The persistent scoring context (opened on first use)."""
+        if self._scorer is None:
+            self._scorer = _PrefixScorer(self)
+        return self._scorer
+
+    def clear_prefix_cache(self) -> None:
+        """Free the persistent scoring context and its kept prefix (the next call evaluates anew)."""
+        with self._scorer_lock:
+            if self._scorer is not None:
+                self._scorer.close()
+            self._scorer = None
+
     def close(self) -> None:
-        """Free the model weights."""
+        """Free the scoring context and the model weights."""
+        self.clear_prefix_cache()
         self.llama_model.close()
 
     def __repr__(self) -> str:
