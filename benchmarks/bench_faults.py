@@ -16,9 +16,10 @@ Printed at the end: rows, lost rows (questions without an answered row), duplica
 into those in flight at a kill and the rest (goal 0), restarts needed beyond the kills (goal 0), and
 agreement with the clean run (goal: identical answers).
 
-Run (the heavy lock; one slot of at most 15 minutes)::
+Run (defaults: the faulty run at the CLI's ``--timeout 30 --concurrency 4``, a 40 s stall; about
+30 minutes on 2 cores)::
 
-    flock /tmp/bbp-heavy.lock timeout 900 .venv/bin/python benchmarks/bench_faults.py --budget 780
+    .venv/bin/python benchmarks/bench_faults.py
 
 When the work does not fit ``--budget`` seconds the benchmark stops its run gracefully (SIGTERM:
 the answers in flight are stored), saves its state in ``--work`` and exits with status 3; the same
@@ -392,12 +393,19 @@ def main() -> int:
         default=str(Path(tempfile.gettempdir()) / "bbp-bench-faults"),
         help="state, run directories and tables (default: a folder in the temp dir)",
     )
-    ap.add_argument("--budget", type=float, default=780.0, help="seconds of work in this invocation")
+    ap.add_argument("--budget", type=float, default=3600.0, help="seconds of work in this invocation")
     ap.add_argument("--rate", type=float, default=0.2, help="share of requests hit by a fault")
-    ap.add_argument("--timeout", type=float, default=6.0, help="faulty run's --timeout (late_wait the same)")
-    ap.add_argument("--stall", type=float, default=9.0, help="stall of a stalled answer (s), > --timeout")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="faulty run's --timeout (the CLI default, 30; late_wait the same)",
+    )
+    ap.add_argument("--stall", type=float, default=40.0, help="stall of a stalled answer (s), > --timeout")
     ap.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of the injected 429s")
-    ap.add_argument("--concurrency", type=int, default=6, help="faulty run's --concurrency")
+    ap.add_argument(
+        "--concurrency", type=int, default=4, help="faulty run's --concurrency (the CLI default, 4)"
+    )
     ap.add_argument("--clean-timeout", type=float, default=30.0, help="clean run's --timeout")
     ap.add_argument("--clean-concurrency", type=int, default=2, help="clean run's --concurrency")
     ap.add_argument("--kills", type=int, default=2, help="kill -9 of the faulty run")
