@@ -9,7 +9,9 @@ Capabilities (the ``capabilities`` class attribute of a provider, a frozenset of
   message) and returns ``n`` greedy tokens, each with its top-k log-probs;
 * ``"continue_ids"``: the prefix may also be a list of token ids, and returned tokens carry ids,
   so a generation can be continued without re-tokenising its text;
-* ``"tokenize"``: ``tokenize(text)`` gives the ids the server would read for ``text``.
+* ``"tokenize"``: ``tokenize(text)`` gives the ids the server would read for ``text``;
+* ``"score_block"``: ``score_block(prefix, block, k)`` gives the top-k at every position of a given
+  block and after it, in one call (vLLM's ``prompt_logprobs``): a drafted block verified at once.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from ..types import TokenLogprob, TopLogprobs, Usage
 CONTINUE = "continue"
 CONTINUE_IDS = "continue_ids"
 TOKENIZE = "tokenize"
+SCORE_BLOCK = "score_block"
 
 __all__ = [
     "CONTINUE",
+    "SCORE_BLOCK",
     "CapabilityError",
     "CONTINUE_IDS",
     "TOKENIZE",

@@ -41,7 +41,7 @@ from ..experts import CandidateScorer, ExpertPair
 from ..transport import Transport
 from ..types import TokenLogprob, TopLogprobs, Usage
 from .base import Prompt, ProviderOptions, register_provider
-from .continuation import CONTINUE, CapabilityError, Continuation, require_capability
+from .continuation import CONTINUE, SCORE_BLOCK, CapabilityError, Continuation, require_capability
 from .openai_chat import ContinueChatProvider
 from .openai_common import check_k, first_choice, parse_completion_position, usage_of
 from .openai_completions import OpenAICompletionsProvider
@@ -49,8 +49,6 @@ from .openai_provider import openai_provider_kwargs
 
 #: capability: ``top_logprobs(prompt, k, candidates=labels)`` returns every candidate's exact log-prob
 EXACT = "exact"
-#: capability: ``score_block(prefix, block, k)`` gives the top-k at every position of a given block
-SCORE_BLOCK = "score_block"
 
 #: spellings of a label asked for by the ``exact`` policy; those that are one token are requested
 VARIANT_TEMPLATES = ("{}", " {}", "{}.", " {}.", "{})", " {})", "({}", " ({}", "{}:", " {}:", "\n{}")

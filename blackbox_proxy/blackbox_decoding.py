@@ -47,6 +47,7 @@ from .adapters.base import FullLogitsModel, Prompt
 from .adapters.continuation import (
     CONTINUE,
     CONTINUE_IDS,
+    SCORE_BLOCK,
     TOKENIZE,
     Continuation,
     require_capability,
@@ -66,6 +67,8 @@ __all__ = [
 
 #: model types whose attention takes a custom 4D mask with a growing KV cache (tree scoring)
 _TREE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "olmo2"})
+#: who proposes a block: the base itself (continue_prefix) or the first pair's expert (score_block verifies)
+DRAFTS = ("base", "pair")
 
 
 # ----------------------------------------------------------------------------- results
@@ -129,6 +132,9 @@ class BlackBoxAccounting:
     pair_seconds: float
     #: block-scoring requests sent to served pair models (vLLM over HTTP; 0 for in-process pairs)
     pair_requests: int = 0
+    #: who proposed the blocks ("base" or "pair") and how many base calls verified a pair's draft
+    draft: str = "base"
+    verified_drafts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (changed tokens as a list of dicts)."""
@@ -371,6 +377,24 @@ class _PairContext:
         self._tree_extra = n - n_path
         return self._collect(path, cands, starts, lambda x: lp[p0 + x], lambda j, pre: lp[index[(j, pre)]])
 
+    # -- drafting --------------------------------------------------------------------------------
+    def draft(self, n: int) -> str:
+        """This model's greedy continuation of its context, at most ``n`` tokens, as text: a block for
+        the base to verify in one call. It stops before an end-of-text token ("" when that comes first)."""
+        import torch
+
+        eos = getattr(self.model, "eos_token_ids", frozenset())
+        out: list[int] = []
+        with self.model.open([self.ids]) as session:
+            while len(out) < n:
+                tok = int(torch.argmax(session.logits()[0]))
+                if tok in eos:
+                    break
+                out.append(tok)
+                if len(out) < n:
+                    session.feed([tok])
+        return self.model.decode(out) if out else ""
+
     # -- committing ------------------------------------------------------------------------------
     def commit(self, path: Sequence[str], accepted: int, emitted: str | None) -> None:
         """Append the accepted path tokens (and the emitted one); keep the cache of what stays valid."""
@@ -493,6 +517,17 @@ class _Pairs:
                     out[j][c] += alpha * (es[j][c] - as_[j][c])
         return out
 
+    def draft(self, n: int) -> str:
+        """The first pair's expert's greedy draft of the next ``n`` tokens ("" without a pair)."""
+        if not self.terms:
+            return ""
+        expert = self.terms[0][1]
+        if not hasattr(expert, "draft"):
+            raise InputError(
+                "draft='pair' needs the first pair's expert in-process (a served expert cannot draft)"
+            )
+        return str(expert.draft(n))
+
     def commit(self, path: Sequence[str], accepted: int, emitted: str | None) -> None:
         for c in self.contexts:
             c.commit(path, accepted, emitted)
@@ -520,6 +555,7 @@ class _State:
     trace: list[StepTrace] = field(default_factory=list)
     base_s: float = 0.0
     pair_s: float = 0.0
+    drafted: int = 0
 
 
 class BlackBoxProxyGenerator:
@@ -530,8 +566,16 @@ class BlackBoxProxyGenerator:
     experts.ExpertPair` (= ``decoding.ProxyPair``) objects whose models are FullLogitsModels, or
     ``ServerExpertPair`` objects (models served by vLLM: one ``prompt_logprobs`` request per block).
     ``top_logprobs`` is k; ``speculative=False`` asks one token per call. ``block_size`` is the
-    first block's length; later blocks adapt between ``min_block`` and ``max_block``. After
-    :meth:`stream`, ``last`` holds that generation's full result (text, accounting).
+    first block's length; later blocks adapt between ``min_block`` and ``max_block``.
+
+    ``draft`` says who proposes a block. ``"base"`` (default): the base continues greedily and the
+    pair checks each position. ``"pair"``: the first pair's expert drafts the block (greedy, the
+    steered text it expects), and the base verifies it in one call, top-k at every drafted position
+    and after it (``score_block``: vLLM's ``prompt_logprobs``); the first position whose steered
+    choice differs from the draft gets that choice, the rest of the draft is dropped. Both give the
+    same tokens as per-token decoding (greedy, or exactly the same distribution when sampling); they
+    differ in how many tokens each call yields. After :meth:`stream`, ``last`` holds that
+    generation's full result (text, accounting).
     """
 
     last: BlackBoxGeneration | None = None
@@ -546,8 +590,19 @@ class BlackBoxProxyGenerator:
         block_size: int = 8,
         min_block: int = 2,
         max_block: int = 32,
+        draft: Literal["base", "pair"] = "base",
     ) -> None:
         require_capability(provider, CONTINUE, "continue a raw prefix (open-ended black-box generation)")
+        if draft not in DRAFTS:
+            raise InputError(f"draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+        if draft == "pair":
+            require_capability(
+                provider,
+                SCORE_BLOCK,
+                "verify a drafted block in one call (draft='pair': vLLM's prompt_logprobs)",
+            )
+            if not speculative:
+                raise InputError("draft='pair' verifies drafted blocks: it needs speculative=True")
         self.provider = provider
         self.pairs: tuple[Any, ...] = (pairs,) if hasattr(pairs, "alpha") else tuple(pairs)
         for p in self.pairs:
@@ -564,6 +619,7 @@ class BlackBoxProxyGenerator:
             )
         self.k = top_logprobs
         self.speculative = speculative
+        self.draft = draft
         self.block_size, self.min_block, self.max_block = block_size, min_block, max_block
         self.chat = getattr(provider, "endpoint", "completions") == "chat"
         caps = getattr(provider, "capabilities", frozenset())
@@ -622,6 +678,11 @@ class _Run:
             self.messages = None
             self.prompt_text = prompt
         self.base_ids: list[int] | None = gen.provider.tokenize(prompt) if gen.use_ids else None
+        # drafted blocks are verified after the token ids emitted so far (score_block reports them),
+        # so the server never re-tokenises the text it already gave
+        self.draft_ids: list[int] | None = None
+        if gen.draft == "pair" and not gen.chat and hasattr(gen.provider, "tokenize"):
+            self.draft_ids = list(self.base_ids or gen.provider.tokenize(prompt))
         active = [p for p in gen.pairs if float(p.alpha) != 0.0]
         self.pairs = _Pairs(active, prompt)
         self.alphas = tuple(float(p.alpha) for p in gen.pairs)
@@ -629,15 +690,56 @@ class _Run:
         self.t0 = time.perf_counter()
 
     # -- the base --------------------------------------------------------------------------------
+    def _prefix(self) -> Any:
+        """What the base continues from: token ids, the partial message, or the raw text so far."""
+        if self.base_ids is not None:
+            return self.base_ids
+        if self.messages is not None:
+            return self.state.text
+        return self.prompt_text + "".join(self.state.texts)
+
+    def _block(self, n: int) -> Continuation:
+        """The next block with the base's top-k at every position: drafted by the pair and verified
+        by the base in one call (``draft="pair"``), or continued by the base itself."""
+        if self.gen.draft == "pair" and self.pairs.terms:
+            t = time.perf_counter()
+            drafted = self.pairs.draft(n)
+            self.state.pair_s += time.perf_counter() - t
+            if drafted:
+                return self._verify(drafted)
+        return self._call(n)
+
+    def _verify(self, drafted: str) -> Continuation:
+        """The base's top-k at every position of the drafted text and after it (one ``score_block``
+        call); an end of text right after the draft ends the returned block there."""
+        st, gen = self.state, self.gen
+        t = time.perf_counter()
+        prefix = self.draft_ids if self.draft_ids is not None else self._prefix()
+        cont = gen.provider.score_block(prefix, drafted, gen.k)
+        st.base_s += time.perf_counter() - t
+        st.calls += 1
+        st.drafted += 1
+        u = cont.usage
+        if u is not None:
+            st.cached += int(u.cached)
+            st.prompt_tokens += u.prompt_tokens
+            st.completion_tokens += u.completion_tokens
+        if cont.finish_reason == "stop" and cont.positions:  # the base ends its text after the draft
+            cont = replace(cont, positions=cont.positions[:-1])
+        elif self.draft_ids is not None and cont.positions:
+            # the position after the draft comes from the generated token, reported as text only:
+            # dropped, so every emitted token keeps its id (the next draft starts there)
+            cont = replace(cont, positions=cont.positions[:-1], finish_reason="length")
+        else:
+            cont = replace(cont, finish_reason="length")
+        st.received += len(cont.positions)
+        st.blocks.append(cont.requested)
+        return cont
+
     def _call(self, n: int) -> Continuation:
         st, gen = self.state, self.gen
         t = time.perf_counter()
-        if self.base_ids is not None:
-            prefix: Any = self.base_ids
-        elif self.messages is not None:
-            prefix = st.text
-        else:
-            prefix = self.prompt_text + "".join(st.texts)
+        prefix = self._prefix()
         kwargs = {"messages": self.messages} if self.messages is not None else {}
         cont = gen.provider.continue_prefix(prefix, n, gen.k, **kwargs)
         st.base_s += time.perf_counter() - t
@@ -664,8 +766,15 @@ class _Run:
 
     # -- one position ----------------------------------------------------------------------------
     def _candidates(self, top: Any, own: str) -> list[str]:
-        """Candidate texts at one position (text prefixes cannot carry a token without text)."""
-        return [c for c in top.known() if c or c == own or self.base_ids is not None]
+        """Candidate texts at one position (text prefixes cannot carry a token without text).
+
+        A drafted token outside the base's top-k is no candidate (per-token decoding would never
+        see it): the steered choice there comes from the top-k, so the draft is rejected.
+        """
+        known = top.known()
+        if self.gen.draft == "pair" and own not in {e.token for e in top.entries}:
+            known.pop(own, None)
+        return [c for c in known if c or c == own or self.base_ids is not None]
 
     def _choose(
         self, top: Any, own: str, cands: Sequence[str], offsets: Mapping[str, float]
@@ -674,13 +783,21 @@ class _Run:
         known = top.known()
         base = {c: known[c] for c in cands}
         chosen = own
-        if base[chosen] < max(base.values()) - 1e-9:
+        drafted = self.gen.draft == "pair"
+        if not drafted and base[chosen] < max(base.values()) - 1e-9:
             self.state.not_top1 += 1
         steered = {c: lp + offsets.get(c, 0.0) for c, lp in base.items()}
-        if self.cfg.analysis:
+        if self.cfg.analysis:  # the trace names the base's own token (its top-1 under a draft)
             top2 = sorted(steered.values(), reverse=True)[:2]
             margin = top2[0] - top2[1] if len(top2) == 2 else math.inf
-            self._last_trace = (own, base[own], margin, len(steered))
+            ref = _base_top1(top) if drafted else own
+            self._last_trace = (ref, known.get(ref, -math.inf), margin, len(steered))
+        if chosen not in steered:  # a draft outside the top-k: rejected, the choice is the top-k's
+            if self.cfg.greedy:
+                best = max(steered.values())
+                return next(c for c in base if steered[c] == best), base
+            probs = steered_distribution(steered, self.cfg)
+            return _draw(sorted(probs.items(), key=lambda kv: -kv[1]), self.rng), base
         if self.cfg.greedy:
             best = max(steered.values())
             if steered[chosen] >= best:  # ties keep the base's own token (identity at alpha = 0)
@@ -705,6 +822,11 @@ class _Run:
             st.trace.append(StepTrace(len(st.texts), own, text, lp, margin, n_c))
         st.texts.append(text)
         st.ids.append(tid)
+        if self.draft_ids is not None:
+            if tid is None:
+                self.draft_ids = None  # an id unknown: verify after the text from here on
+            else:
+                self.draft_ids.append(tid)
         if self.base_ids is not None:
             if tid is None:
                 self.base_ids = None  # ids unknown from here on: continue from text
@@ -731,7 +853,7 @@ class _Run:
         try:
             while st.finish is None:
                 want = min(n, self.cfg.max_new_tokens - len(st.texts))
-                cont = self._call(want)
+                cont = self._block(want)
                 if not cont.positions:
                     st.finish = "eos"
                     break
@@ -745,17 +867,21 @@ class _Run:
                     own = path[j]
                     choice, base = self._choose(top, own, cands[j], offsets[j])
                     tid = _id_of(top, choice)
-                    if choice != own:
+                    # what the base alone would emit here: its own token, or its top-1 under a draft
+                    ref = _base_top1(top) if gen.draft == "pair" else own
+                    if choice != ref:
+                        known = top.known()
                         st.changed.append(
                             ChangedToken(
                                 len(st.texts),
-                                own,
+                                ref,
                                 choice,
-                                base[own],
+                                known.get(ref, -math.inf),
                                 base[choice],
-                                offsets[j].get(choice, 0.0) - offsets[j].get(own, 0.0),
+                                offsets[j].get(choice, 0.0) - offsets[j].get(ref, 0.0),
                             )
                         )
+                    if choice != own:
                         emitted = choice
                         stop = self._emit(choice, tid)
                         yield None
@@ -810,6 +936,8 @@ class _Run:
             base_seconds=st.base_s,
             pair_seconds=st.pair_s,
             pair_requests=sum(getattr(c, "requests", 0) for c in self.pairs.contexts),
+            draft=gen.draft,
+            verified_drafts=st.drafted,
         )
         return BlackBoxGeneration(
             prompt=self.prompt,
@@ -821,6 +949,12 @@ class _Run:
             accounting=acct,
             trace=tuple(st.trace) if self.cfg.analysis else None,
         )
+
+
+def _base_top1(top: Any) -> str:
+    """The base's most likely token at one position (ties: the first listed)."""
+    best = max(top.entries, key=lambda e: e.logprob) if top.entries else top.chosen
+    return str(best.token)
 
 
 def _id_of(top: Any, text: str) -> int | None:

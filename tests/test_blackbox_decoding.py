@@ -431,3 +431,12 @@ def test_a_pair_scored_as_sequences_steers_like_the_in_process_pair(
         assert min(r.trace[i].margin, h.trace[i].margin) < 1e-3, (i, r.tokens, h.tokens)
     else:
         assert r.tokens == h.tokens
+
+
+@pytest_integration
+def test_pair_drafting_needs_block_verification_and_says_so(inproc: Any, changing_pair: Any) -> None:
+    """draft='pair' on a base that cannot score a given block: one error naming the capability."""
+    with pytest.raises(CapabilityError, match="score_block"):
+        BlackBoxProxyGenerator(inproc, [changing_pair], draft="pair")
+    with pytest.raises(InputError, match="draft must be one of base, pair"):
+        BlackBoxProxyGenerator(inproc, [changing_pair], draft="expert")  # type: ignore[arg-type]

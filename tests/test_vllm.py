@@ -485,3 +485,55 @@ def test_black_box_generation_with_a_served_pair_equals_the_in_process_pair(
             (c.position, c.steered_token) for c in h.accounting.changed if c.position < (i or 99)
         ]
     assert changed >= 2
+
+
+def test_pair_drafted_blocks_verified_in_one_call_equal_per_token_decoding(
+    comp: VLLMCompletionsProvider, local: Any
+) -> None:
+    """draft='pair': the expert drafts, vLLM scores each drafted block in one prompt_logprobs call
+    (after the token ids emitted so far); the steered tokens are those of per-token decoding up to
+    where that re-tokenises its text prefix, and the calls are fewer than the tokens."""
+    from blackbox_proxy.blackbox_decoding import BlackBoxProxyGenerator
+    from blackbox_proxy.experts import ExpertPair
+    from blackbox_proxy.sampling import GenerationConfig
+
+    pair = ExpertPair(local, local, expert_format="chat", anti_format="plain")  # really changes tokens
+    cfg = GenerationConfig(max_new_tokens=24, analysis=True)
+    calls = {"pair": 0, "base": 0, "per-token": 0}
+    tokens = compared = changed = 0
+    for prompt in (
+        "Once upon a time, a dragon who loved to bake bread",
+        "The function of the heart is to",
+        "def add(a, b):",
+    ):
+        drafted = BlackBoxProxyGenerator(comp, [pair], top_logprobs=8, draft="pair").generate(prompt, cfg)
+        by_base = BlackBoxProxyGenerator(comp, [pair], top_logprobs=8).generate(prompt, cfg)
+        slow = BlackBoxProxyGenerator(comp, [pair], top_logprobs=8, speculative=False).generate(prompt, cfg)
+        a = drafted.accounting
+        assert a.draft == "pair" and a.verified_drafts >= 1 and not a.retokenized
+        assert all(t is not None for t in drafted.token_ids)  # ids from score_block: no text re-sent
+        calls["pair"] += a.api_calls
+        calls["base"] += by_base.accounting.api_calls
+        calls["per-token"] += slow.accounting.api_calls
+        tokens += len(drafted.tokens)
+        changed += len(a.changed)
+        for other in (slow, by_base):
+            i = next(
+                (j for j, (x, y) in enumerate(zip(drafted.tokens, other.tokens, strict=False)) if x != y),
+                None,
+            )
+            cut = min([r["position"] for r in other.accounting.retokenized] + [len(drafted.tokens)])
+            if i is not None and i < cut:  # only across a near-tie (prompt vs decode kernels: ~1e-5)
+                assert min(drafted.trace[i].margin, other.trace[i].margin) < 1e-2, (prompt, i)
+                cut = i
+            compared += cut
+            # the same steering changes, each reported against the base's own top-1
+            assert [(c.position, c.base_token, c.steered_token) for c in a.changed if c.position < cut] == [
+                (c.position, c.base_token, c.steered_token)
+                for c in other.accounting.changed
+                if c.position < cut
+            ]
+    assert changed >= 2  # the pair really steers
+    assert compared >= 20  # enough positions before any re-tokenised prefix
+    assert calls["pair"] < tokens  # fewer calls than tokens
+    print(f"\ncalls for {tokens} tokens: {calls}; positions compared {compared}")

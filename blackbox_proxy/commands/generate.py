@@ -145,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
             speculative=not args.no_speculative,
             block_size=args.block_size,
             max_block=max(args.block_size, 32),
+            draft=args.draft,
         )
         if provider is not None and provider.endpoint == "chat":
             messages: Any = [{"role": "user", "content": prompt}]
@@ -242,6 +243,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--block-size", type=positive_int, default=8, help="first block length (adapts afterwards; default 8)"
+    )
+    g.add_argument(
+        "--draft",
+        choices=("base", "pair"),
+        default="base",
+        help="who proposes each block: the server's own greedy tokens (base, default), or the first "
+        "expert's greedy text, verified by the server in one call (pair: needs --provider vllm with the completions endpoint, "
+        "whose prompt_logprobs give the top-k at every drafted position)",
     )
     g.add_argument(
         "--server-param",
