@@ -8,6 +8,7 @@ BLACKBOX_PROXY_VLLM_OPTIONAL=1 says it may be absent (then these tests skip).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import time
@@ -537,3 +538,46 @@ def test_pair_drafted_blocks_verified_in_one_call_equal_per_token_decoding(
     assert compared >= 20  # enough positions before any re-tokenised prefix
     assert calls["pair"] < tokens  # fewer calls than tokens
     print(f"\ncalls for {tokens} tokens: {calls}; positions compared {compared}")
+
+
+def test_generate_command_drafts_with_the_pair_and_verifies_on_vllm(
+    vllm_server: Any, comp: VLLMCompletionsProvider, local: Any, tmp_path: Any
+) -> None:
+    """`generate --draft pair --provider vllm`: the user's path prints the same text as the Python
+    generator and reports the verified drafts; on a base without block scoring it is one line."""
+    import subprocess
+    import sys
+
+    from blackbox_proxy.blackbox_decoding import BlackBoxProxyGenerator
+    from blackbox_proxy.experts import ExpertPair
+    from blackbox_proxy.sampling import GenerationConfig
+
+    prompt = "The function of the heart is to"
+    report = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "blackbox_proxy.cli", "generate", prompt, "--provider", "vllm"]
+    cmd += ["--base-url", vllm_server.base_url, "--model", vllm_server.model, "--top-logprobs", "8"]
+    cmd += [
+        "--expert",
+        SMOLLM2,
+        "--anti-expert",
+        SMOLLM2,
+        "--expert-format",
+        "chat",
+        "--anti-format",
+        "plain",
+    ]
+    cmd += ["--max-new-tokens", "16", "--draft", "pair", "--report", str(report)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pair = ExpertPair(local, local, expert_format="chat", anti_format="plain")
+    want = BlackBoxProxyGenerator(comp, [pair], top_logprobs=8, draft="pair").generate(
+        prompt, GenerationConfig(max_new_tokens=16)
+    )
+    assert out.stdout == want.text
+    acct = json.loads(report.read_text())["accounting"]
+    assert acct["draft"] == "pair" and acct["verified_drafts"] >= 1
+    assert acct["api_calls"] < acct["generated_tokens"]
+    plain = [*cmd[:6], "openai-completions", *cmd[7:]]  # a Completions base without score_block
+    bad = subprocess.run(plain, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "score_block" in bad.stderr.strip().splitlines()[-1]
