@@ -23,6 +23,60 @@ KIND = "llama-cpp"
 MIN_SHARED_PREFIX = 8
 
 
+def _decode_once(
+    lib: Any, ctx: Any, batch: Any, items: Sequence[tuple[int, int, int, bool]], n_vocab: int, where: str
+) -> list[Any]:
+    """One llama_decode of (seq, pos, token, want_logits) items; copies of the wanted logits rows."""
+    import numpy as np
+
+    for i, (seq, pos, token, want) in enumerate(items):
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = want
+    batch.n_tokens = len(items)
+    code = lib.llama_decode(ctx, batch)
+    if code != 0:
+        raise InputError(f"llama_decode failed with code {code} ({where})")
+    rows = []
+    for i, (_, _, _, want) in enumerate(items):
+        if want:
+            ptr = lib.llama_get_logits_ith(ctx, i)
+            rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+    return rows
+
+
+def _context_params(owner: LlamaCppModel, n_seq: int, n_ctx: int, unified: bool) -> Any:
+    """llama.cpp context parameters for ``owner``'s settings: ``n_seq`` sequences in ``n_ctx`` cells."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_seq_max = n_seq
+    params.n_ctx = n_ctx
+    params.kv_unified = unified
+    params.n_batch = owner.n_batch
+    params.n_ubatch = owner.n_batch
+    params.n_threads = owner.n_threads
+    params.n_threads_batch = owner.n_threads
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if owner.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    return params
+
+
+def _free_context(owner: Any) -> None:
+    """Free ``owner._ctx`` and ``owner._batch`` (a session's or scorer's), once."""
+    if owner._ctx is not None:
+        owner._ctx.close()
+        owner._ctx = None
+    if owner._batch is not None:
+        owner._lib.llama_batch_free(owner._batch)
+        owner._batch = None
+
+
 class LlamaCppSession:
     """KV-cached decoding of one batch: row i is llama.cpp sequence i of a fresh context."""
 
@@ -37,23 +91,11 @@ class LlamaCppSession:
         self._lib = llama_cpp
         self._owner = owner
         self.batch_size = len(prompts)
-        params = llama_cpp.llama_context_default_params()
-        params.n_seq_max = self.batch_size
         if compact:  # scoring only: the rows share one buffer sized to their tokens
-            params.n_ctx = -(-sum(len(p) for p in prompts) // 256) * 256 + 256
-            params.kv_unified = True
-        else:
-            params.n_ctx = owner.n_ctx * self.batch_size  # each row gets its own n_ctx-sized stream
-            params.kv_unified = False
-        params.n_batch = owner.n_batch
-        params.n_ubatch = owner.n_batch
-        params.n_threads = owner.n_threads
-        params.n_threads_batch = owner.n_threads
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if owner.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+            n_ctx, unified = -(-sum(len(p) for p in prompts) // 256) * 256 + 256, True
+        else:  # each row gets its own n_ctx-sized stream
+            n_ctx, unified = owner.n_ctx * self.batch_size, False
+        params = _context_params(owner, self.batch_size, n_ctx, unified)
         longest = max(len(p) for p in prompts)
         if longest >= owner.n_ctx:
             raise InputError(
@@ -66,28 +108,8 @@ class LlamaCppSession:
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Decode (seq, pos, token, want_logits) items in one llama_decode call; return wanted rows."""
-        import numpy as np
-
-        batch = self._batch
-        for i, (seq, pos, token, want) in enumerate(items):
-            batch.token[i] = token
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = want
-        batch.n_tokens = len(items)
-        code = self._lib.llama_decode(self._ctx.ctx, batch)
-        if code != 0:
-            raise InputError(
-                f"llama_decode failed with code {code} (context full? n_ctx={self._owner.n_ctx} per row)"
-            )
-        n_vocab = self._owner.vocab_size
-        rows = []
-        for i, (_, _, _, want) in enumerate(items):
-            if want:
-                ptr = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
-                rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
-        return rows
+        where = f"context full? n_ctx={self._owner.n_ctx} per row"
+        return _decode_once(self._lib, self._ctx.ctx, self._batch, items, self._owner.vocab_size, where)
 
     def _prefill(self, prompts: Sequence[Sequence[int]], keep: int = 1) -> Any:
         """Evaluate the prompts; logits of the last ``keep`` positions of each, by sequence then position."""
@@ -130,12 +152,7 @@ class LlamaCppSession:
 
     def close(self) -> None:
         """Free the llama.cpp context and batch."""
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
-        if self._batch is not None:
-            self._lib.llama_batch_free(self._batch)
-            self._batch = None
+        _free_context(self)
         self._logits = None
 
     def __del__(self) -> None:
@@ -162,19 +179,7 @@ class _PrefixScorer:
 
         self._lib = llama_cpp
         self._owner = owner
-        params = llama_cpp.llama_context_default_params()
-        params.n_seq_max = 2
-        params.n_ctx = 2 * owner.n_ctx  # a prefix and a row, each shorter than n_ctx
-        params.kv_unified = True
-        params.n_batch = owner.n_batch
-        params.n_ubatch = owner.n_batch
-        params.n_threads = owner.n_threads
-        params.n_threads_batch = owner.n_threads
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if owner.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        params = _context_params(owner, 2, 2 * owner.n_ctx, True)  # a prefix and a row, each < n_ctx
         self._ctx = _internals.LlamaContext(model=owner.llama_model, params=params, verbose=False)
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(owner.n_batch, 0, 1)
@@ -183,30 +188,14 @@ class _PrefixScorer:
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Decode (seq, pos, token, want_logits) items in n_batch chunks; the wanted logits rows."""
-        import numpy as np
-
-        n_vocab = self._owner.vocab_size
         rows: list[Any] = []
         step = self._owner.n_batch
+        where = f"while scoring with model {self._owner.name!r}"
         for start in range(0, len(items), step):
             part = items[start : start + step]
-            batch = self._batch
-            for i, (seq, pos, token, want) in enumerate(part):
-                batch.token[i] = token
-                batch.pos[i] = pos
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = want
-            batch.n_tokens = len(part)
-            code = self._lib.llama_decode(self._ctx.ctx, batch)
-            if code != 0:
-                raise InputError(
-                    f"llama_decode failed with code {code} while scoring (model {self._owner.name!r})"
-                )
-            for i, (_, _, _, want) in enumerate(part):
-                if want:
-                    ptr = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
-                    rows.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+            rows.extend(
+                _decode_once(self._lib, self._ctx.ctx, self._batch, part, self._owner.vocab_size, where)
+            )
         return rows
 
     def _keep_prefix(self, seqs: Sequence[Sequence[int]], keep: int) -> int:
@@ -263,12 +252,7 @@ class _PrefixScorer:
 
     def close(self) -> None:
         """Free the context and its batch."""
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
-        if self._batch is not None:
-            self._lib.llama_batch_free(self._batch)
-            self._batch = None
+        _free_context(self)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -28,13 +28,14 @@ say how many each uses. Each run must fit a 12-minute slot on 2 cores; run the s
     python benchmarks/bench_mc_overhead.py --settings hosted --n 200
     python benchmarks/bench_mc_overhead.py --settings local --n 40 --before-src /tmp/bbp-before
 
-Measured 2026-12-02 (2 shared cores, heavy lock held;
-``--n 32 --settings local,hosted --before-src DIR --before-n 16``, pair SmolLM2 - SmolLM2 on
-transformers float32, 2 torch threads, server 2 threads, top-20): local 60.9 s -> 66.4 s, ratio
-1.089 (0.53 / 0.48 q/s); hosted stand-in 60.7 s -> 65.7 s, ratio 1.081 (the stand-in's server shares
-the cores, so it is server-bound and its latency is hidden either way); round 1 (5faf00f, 16 q, its
-legacy prompt) ratio 1.266; engine overhead under 0.01 s; pair alone 2.00 q/s without the prefix
-reuse, 2.56 q/s with it (1.28x), largest log-prob difference 1.5e-05, all 32 steered answers equal.
+Measured 2026-12-02, session 5 (2 cores, nothing else running; 200 questions; pair SmolLM2 as two
+specs, ``--expert transformers:smollm2-135m-instruct``, so both sides are computed as for a trained
+expert; transformers float32, prefix reuse on): local 424.4 s -> 486.9 s, ratio 1.147 (goal 1.2);
+hosted stand-in with ``--pin --server-threads 1 --threads 1`` 634.9 s -> 657.4 s, ratio 1.035 (goal
+1.05); engine overhead under 0.05 s; the same base letter 200/200 in both. Earlier (32 questions,
+``--before-src``, a pair given as one spec and so computed once): local 1.089, round 1 (5faf00f)
+1.266, pair alone 2.00 q/s without the prefix reuse and 2.56 q/s with it. Details:
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations

@@ -719,11 +719,7 @@ class _Run:
         st.base_s += time.perf_counter() - t
         st.calls += 1
         st.drafted += 1
-        u = cont.usage
-        if u is not None:
-            st.cached += int(u.cached)
-            st.prompt_tokens += u.prompt_tokens
-            st.completion_tokens += u.completion_tokens
+        self._bill(cont.usage)
         if cont.finish_reason == "stop" and cont.positions:  # the base ends its text after the draft
             cont = replace(cont, positions=cont.positions[:-1])
         elif self.draft_ids is not None and cont.positions:
@@ -736,6 +732,13 @@ class _Run:
         st.blocks.append(cont.requested)
         return cont
 
+    def _bill(self, usage: Any) -> None:
+        """Add one call's usage (cached, prompt and completion tokens) to the accounting."""
+        if usage is not None:
+            self.state.cached += int(usage.cached)
+            self.state.prompt_tokens += usage.prompt_tokens
+            self.state.completion_tokens += usage.completion_tokens
+
     def _call(self, n: int) -> Continuation:
         st, gen = self.state, self.gen
         t = time.perf_counter()
@@ -745,21 +748,18 @@ class _Run:
         st.base_s += time.perf_counter() - t
         st.calls += 1
         u = cont.usage
-        if u is not None:
-            st.cached += int(u.cached)
-            st.prompt_tokens += u.prompt_tokens
-            st.completion_tokens += u.completion_tokens
-            if u.prompt_tokens:
-                if self.first_prompt_tokens is None:
-                    self.first_prompt_tokens = u.prompt_tokens
-                elif u.prompt_tokens != self.first_prompt_tokens + len(st.texts):
-                    st.retokenized.append(
-                        {
-                            "position": len(st.texts),
-                            "expected_prompt_tokens": self.first_prompt_tokens + len(st.texts),
-                            "reported_prompt_tokens": u.prompt_tokens,
-                        }
-                    )
+        self._bill(u)
+        if u is not None and u.prompt_tokens:
+            if self.first_prompt_tokens is None:
+                self.first_prompt_tokens = u.prompt_tokens
+            elif u.prompt_tokens != self.first_prompt_tokens + len(st.texts):
+                st.retokenized.append(
+                    {
+                        "position": len(st.texts),
+                        "expected_prompt_tokens": self.first_prompt_tokens + len(st.texts),
+                        "reported_prompt_tokens": u.prompt_tokens,
+                    }
+                )
         st.received += len(cont.positions)
         st.blocks.append(n)
         return cont
