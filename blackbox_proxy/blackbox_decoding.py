@@ -677,12 +677,16 @@ class _Run:
                 )
             self.messages = None
             self.prompt_text = prompt
-        self.base_ids: list[int] | None = gen.provider.tokenize(prompt) if gen.use_ids else None
-        # drafted blocks are verified after the token ids emitted so far (score_block reports them),
-        # so the server never re-tokenises the text it already gave
-        self.draft_ids: list[int] | None = None
-        if gen.draft == "pair" and not gen.chat and hasattr(gen.provider, "tokenize"):
-            self.draft_ids = list(self.base_ids or gen.provider.tokenize(prompt))
+        # drafted blocks come back with token ids (score_block reports them), so a server that can
+        # tokenise continues from ids under draft="pair" even without the "tokenize" capability
+        by_ids = gen.use_ids or (
+            gen.draft == "pair"
+            and not gen.chat
+            and CONTINUE_IDS in getattr(gen.provider, "capabilities", frozenset())
+            and hasattr(gen.provider, "tokenize")
+        )
+        self.sent_ids = bool(by_ids)
+        self.base_ids: list[int] | None = list(gen.provider.tokenize(prompt)) if by_ids else None
         active = [p for p in gen.pairs if float(p.alpha) != 0.0]
         self.pairs = _Pairs(active, prompt)
         self.alphas = tuple(float(p.alpha) for p in gen.pairs)
@@ -714,15 +718,14 @@ class _Run:
         call); an end of text right after the draft ends the returned block there."""
         st, gen = self.state, self.gen
         t = time.perf_counter()
-        prefix = self.draft_ids if self.draft_ids is not None else self._prefix()
-        cont = gen.provider.score_block(prefix, drafted, gen.k)
+        cont = gen.provider.score_block(self._prefix(), drafted, gen.k)
         st.base_s += time.perf_counter() - t
         st.calls += 1
         st.drafted += 1
         self._bill(cont.usage)
         if cont.finish_reason == "stop" and cont.positions:  # the base ends its text after the draft
             cont = replace(cont, positions=cont.positions[:-1])
-        elif self.draft_ids is not None and cont.positions:
+        elif self.base_ids is not None and cont.positions:
             # the position after the draft comes from the generated token, reported as text only:
             # dropped, so every emitted token keeps its id (the next draft starts there)
             cont = replace(cont, positions=cont.positions[:-1], finish_reason="length")
@@ -777,9 +780,10 @@ class _Run:
         return [c for c in known if c or c == own or self.base_ids is not None]
 
     def _choose(
-        self, top: Any, own: str, cands: Sequence[str], offsets: Mapping[str, float]
+        self, top: Any, own: str, ref: str, cands: Sequence[str], offsets: Mapping[str, float]
     ) -> tuple[str, dict[str, float]]:
-        """(chosen candidate text, base log-probs of the candidates) at one position."""
+        """(chosen candidate text, base log-probs of the candidates) at one position; ``own`` is the
+        block's token there, ``ref`` what the base alone would emit (the same unless drafted)."""
         known = top.known()
         base = {c: known[c] for c in cands}
         chosen = own
@@ -790,7 +794,6 @@ class _Run:
         if self.cfg.analysis:  # the trace names the base's own token (its top-1 under a draft)
             top2 = sorted(steered.values(), reverse=True)[:2]
             margin = top2[0] - top2[1] if len(top2) == 2 else math.inf
-            ref = _base_top1(top) if drafted else own
             self._last_trace = (ref, known.get(ref, -math.inf), margin, len(steered))
         if chosen not in steered:  # a draft outside the top-k: rejected, the choice is the top-k's
             if self.cfg.greedy:
@@ -822,11 +825,6 @@ class _Run:
             st.trace.append(StepTrace(len(st.texts), own, text, lp, margin, n_c))
         st.texts.append(text)
         st.ids.append(tid)
-        if self.draft_ids is not None:
-            if tid is None:
-                self.draft_ids = None  # an id unknown: verify after the text from here on
-            else:
-                self.draft_ids.append(tid)
         if self.base_ids is not None:
             if tid is None:
                 self.base_ids = None  # ids unknown from here on: continue from text
@@ -865,10 +863,10 @@ class _Run:
                 accepted, emitted, stop = 0, None, False
                 for j, top in enumerate(cont.positions):
                     own = path[j]
-                    choice, base = self._choose(top, own, cands[j], offsets[j])
-                    tid = _id_of(top, choice)
                     # what the base alone would emit here: its own token, or its top-1 under a draft
                     ref = _base_top1(top) if gen.draft == "pair" else own
+                    choice, base = self._choose(top, own, ref, cands[j], offsets[j])
+                    tid = _id_of(top, choice)
                     if choice != ref:
                         known = top.known()
                         st.changed.append(
@@ -931,7 +929,7 @@ class _Run:
             accepted_per_block=tuple(st.accepted),
             retokenized=tuple(st.retokenized),
             base_not_top1=st.not_top1,
-            sent_ids=self.gen.use_ids,
+            sent_ids=self.sent_ids,
             wall_seconds=time.perf_counter() - self.t0,
             base_seconds=st.base_s,
             pair_seconds=st.pair_s,
