@@ -196,7 +196,7 @@ class ProviderOptions:
 ProviderFactory = Callable[[ProviderOptions], TopLogprobsProvider]
 
 _REGISTRY: dict[str, ProviderFactory] = {}
-_BUILTIN_MODULES = ("openai_chat", "openai_completions", "llama_cpp_inprocess", "vllm")
+_BUILTIN_MODULES = ("openai_chat", "openai_completions", "llama_cpp_inprocess", "llama_cpp_server", "vllm")
 _loaded_builtins = False
 
 

@@ -118,6 +118,13 @@ class LlamaCppTopKProvider:
             llm = self._open_llm()
             return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
+    def is_end_token(self, token_id: int) -> bool:
+        """True for the model's end-of-generation tokens (end of text, end of turn)."""
+        import llama_cpp
+
+        with self._lock:
+            return bool(llama_cpp.llama_vocab_is_eog(self._open_llm()._model.vocab, int(token_id)))
+
     def _open_llm(self) -> Any:
         if self._llm is None:
             raise ProviderError(
@@ -171,7 +178,12 @@ class LlamaCppTopKProvider:
                 prev = ids + out
 
                 def text(t: int, prev: list[int] = prev) -> str:
-                    return llm.detokenize([int(t)], prev_tokens=prev).decode("utf-8", errors="replace")
+                    # a control token (end of turn, end of text) has no plain text: its name instead
+                    # ("<|im_end|>"), so that a pair can score it and the generator can end on it
+                    special = bool(llama_cpp.llama_vocab_is_control(vocab, int(t)))
+                    return llm.detokenize([int(t)], prev_tokens=prev, special=special).decode(
+                        "utf-8", errors="replace"
+                    )
 
                 entries = tuple(TokenLogprob(text(t), min(float(logp[t]), 0.0), id=int(t)) for t in top)
                 positions.append(TopLogprobs(entries, k, entries[0], self.model, self.kind))

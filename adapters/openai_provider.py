@@ -127,7 +127,7 @@ class OpenAIProviderBase:
         return self.parse(body, k, cached=cached)
 
 
-def openai_max_k(options: Any, default: int) -> int | None:
+def openai_max_k(options: Any, default: int | None) -> int | None:
     """The k limit for ``options``: explicit (0 = none), else OpenAI's own at api.openai.com, none elsewhere."""
     if options.max_k != "default":
         return options.max_k or None

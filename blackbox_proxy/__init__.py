@@ -47,6 +47,7 @@ _LAZY = {
     "OpenAIChatProvider": "blackbox_proxy.adapters.openai_chat",
     "OpenAICompletionsProvider": "blackbox_proxy.adapters.openai_completions",
     "LlamaCppTopKProvider": "blackbox_proxy.adapters.llama_cpp_inprocess",
+    "LlamaCppServerProvider": "blackbox_proxy.adapters.llama_cpp_server",
     "LocalServer": "blackbox_proxy.server",
     "ResponseCache": "blackbox_proxy.cache",
     "ProxyDecoder": "blackbox_proxy.decoding",

@@ -135,6 +135,10 @@ class BlackBoxAccounting:
     #: who proposed the blocks ("base" or "pair") and how many base calls verified a pair's draft
     draft: str = "base"
     verified_drafts: int = 0
+    #: text-only servers that say how they tokenise (llama-cpp-python): tokenize requests sent, and
+    #: the positions where a block was cut because its text would come back re-tokenised
+    tokenize_requests: int = 0
+    retokenization_cuts: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (changed tokens as a list of dicts)."""
@@ -143,6 +147,7 @@ class BlackBoxAccounting:
         d["block_sizes"] = list(self.block_sizes)
         d["accepted_per_block"] = list(self.accepted_per_block)
         d["retokenized"] = [dict(r) for r in self.retokenized]
+        d["retokenization_cuts"] = list(self.retokenization_cuts)
         return d
 
 
@@ -556,6 +561,8 @@ class _State:
     base_s: float = 0.0
     pair_s: float = 0.0
     drafted: int = 0
+    tokenize_requests: int = 0
+    cuts: list[int] = field(default_factory=list)
 
 
 class BlackBoxProxyGenerator:
@@ -624,6 +631,9 @@ class BlackBoxProxyGenerator:
         self.chat = getattr(provider, "endpoint", "completions") == "chat"
         caps = getattr(provider, "capabilities", frozenset())
         self.use_ids = not self.chat and CONTINUE_IDS in caps and TOKENIZE in caps
+        # a text-only server that says how it tokenises: blocks are cut where the text so far would
+        # come back re-tokenised, so every position is read as a one-token request would read it
+        self.check_text = not self.chat and not self.use_ids and TOKENIZE in caps and draft == "base"
 
     # -- public API ------------------------------------------------------------------------------
     def generate(
@@ -689,8 +699,10 @@ class _Run:
         self.base_ids: list[int] | None = list(gen.provider.tokenize(prompt)) if by_ids else None
         active = [p for p in gen.pairs if float(p.alpha) != 0.0]
         self.pairs = _Pairs(active, prompt)
+        self.end_texts = _end_texts(active)
         self.alphas = tuple(float(p.alpha) for p in gen.pairs)
         self.first_prompt_tokens: int | None = None
+        self._tok_memo: dict[str, list[int]] = {}
         self.t0 = time.perf_counter()
 
     # -- the base --------------------------------------------------------------------------------
@@ -766,6 +778,41 @@ class _Run:
         st.received += len(cont.positions)
         st.blocks.append(n)
         return cont
+
+    def _is_end(self, top: Any, text: str) -> bool:
+        """Whether candidate ``text`` at this position is an end-of-generation token: by the base's
+        own id where the provider can tell (in-process llama.cpp), else by name ("<|im_end|>",
+        "<|endoftext|>": an end token of a pair model)."""
+        tid = _id_of(top, text)
+        check = getattr(self.gen.provider, "is_end_token", None)
+        if tid is not None and check is not None:
+            return bool(check(tid))
+        return bool(text) and text in self.end_texts
+
+    def _tokens_of(self, text: str) -> list[int]:
+        """The base server's ids for ``text`` (one tokenize request, remembered for the next check)."""
+        got = self._tok_memo.get(text)
+        if got is None:
+            got = list(self.gen.provider.tokenize(text))
+            self.state.tokenize_requests += 1
+            if len(self._tok_memo) > 8:
+                self._tok_memo.clear()
+            self._tok_memo[text] = got
+        return got
+
+    def _reads_as_generated(self) -> bool:
+        """True when the server reads the text so far as its reading of the text before the last
+        token plus exactly one token (that token: token texts are unique), i.e. as it generated it.
+
+        Applied from the second position of a block on, it makes each accepted position's context the
+        one a one-token request on the same text gets, so speculative output equals per-token output
+        on servers that only take text (where re-sent text may merge or split tokens).
+        """
+        text = self._prefix()
+        last = self.state.texts[-1]
+        before = text[: len(text) - len(last)]
+        prev, cur = self._tokens_of(before), self._tokens_of(text)
+        return len(cur) == len(prev) + 1 and cur[: len(prev)] == prev
 
     # -- one position ----------------------------------------------------------------------------
     def _candidates(self, top: Any, own: str) -> list[str]:
@@ -860,8 +907,12 @@ class _Run:
                 t = time.perf_counter()
                 offsets = self.pairs.offsets(path, cands)
                 st.pair_s += time.perf_counter() - t
-                accepted, emitted, stop = 0, None, False
+                accepted, emitted, stop, cut = 0, None, False, False
                 for j, top in enumerate(cont.positions):
+                    if j and gen.check_text and self.base_ids is None and not self._reads_as_generated():
+                        st.cuts.append(len(st.texts))  # re-sent text reads otherwise: ask again from here
+                        cut = True
+                        break
                     own = path[j]
                     # what the base alone would emit here: its own token, or its top-1 under a draft
                     ref = _base_top1(top) if gen.draft == "pair" else own
@@ -879,6 +930,10 @@ class _Run:
                                 offsets[j].get(choice, 0.0) - offsets[j].get(ref, 0.0),
                             )
                         )
+                    if choice != own and self._is_end(top, choice):
+                        st.finish = "eos"  # steering chose to end the text here (end of turn / text)
+                        stop = True
+                        break
                     if choice != own:
                         emitted = choice
                         stop = self._emit(choice, tid)
@@ -892,11 +947,11 @@ class _Run:
                 st.accepted.append(accepted)
                 if stop:
                     break
-                if emitted is None and cont.ended and accepted == len(cont.positions):
+                if emitted is None and not cut and cont.ended and accepted == len(cont.positions):
                     st.finish = "eos"
                     break
                 self.pairs.commit(path, accepted, emitted)
-                if gen.speculative:
+                if gen.speculative and not cut:
                     if emitted is None:
                         n = min(gen.max_block, max(n, 2 * len(cont.positions)))
                     else:
@@ -936,6 +991,8 @@ class _Run:
             pair_requests=sum(getattr(c, "requests", 0) for c in self.pairs.contexts),
             draft=gen.draft,
             verified_drafts=st.drafted,
+            tokenize_requests=st.tokenize_requests,
+            retokenization_cuts=tuple(st.cuts),
         )
         return BlackBoxGeneration(
             prompt=self.prompt,
@@ -947,6 +1004,19 @@ class _Run:
             accounting=acct,
             trace=tuple(st.trace) if self.cfg.analysis else None,
         )
+
+
+def _end_texts(pairs: Sequence[Any]) -> frozenset[str]:
+    """Names of the pair models' end-of-generation tokens (how a text-only base names its own)."""
+    out: set[str] = set()
+    for p in pairs:
+        for m in (p.expert, p.anti_expert):
+            tok = getattr(m, "tokenizer", None)
+            for t in getattr(m, "eos_token_ids", ()) or ():
+                name = tok.convert_ids_to_tokens(int(t)) if tok is not None else None
+                if isinstance(name, str) and name.startswith("<") and name.endswith(">"):
+                    out.add(name)
+    return frozenset(out)
 
 
 def _base_top1(top: Any) -> str:

@@ -9,6 +9,7 @@ expert reads the prompt in its chat template, the anti-expert as plain text).
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import openai
 import pytest
 from blackbox_proxy.adapters.continuation import CapabilityError, check_block_size
 from blackbox_proxy.adapters.llama_cpp_inprocess import LlamaCppTopKProvider
+from blackbox_proxy.adapters.llama_cpp_server import LlamaCppServerProvider
 from blackbox_proxy.adapters.openai_chat import ContinueChatProvider, OpenAIChatProvider
 from blackbox_proxy.adapters.openai_completions import OpenAICompletionsProvider
 from fault_http import FaultServer, Reply
@@ -135,6 +137,36 @@ def test_a_block_cut_short_continues_from_what_arrived(fault_server: FaultServer
     assert out.accounting.api_calls == 2 and out.accounting.tokens_received == 5
 
 
+def test_a_text_only_server_is_asked_how_it_tokenises_and_a_block_is_cut_where_it_reads_otherwise(
+    fault_server: FaultServer,
+) -> None:
+    """llama-cpp-server: " a" + "b" read back as one token cuts the block before the position that
+    follows them; the next request re-sends the text from there. No /extras/tokenize: a clear error."""
+    fault_server.push(
+        Reply(body=block_body([" a", "b", " c"])),
+        Reply(body={"tokens": [7, 8]}),  # "Say:"
+        Reply(body={"tokens": [7, 8, 9]}),  # "Say: a": one token more, as generated
+        Reply(body={"tokens": [7, 8, 10]}),  # "Say: ab": " a" and "b" merge into one token
+        Reply(body=block_body([" c", " d"])),
+        Reply(body={"tokens": [7, 8, 10, 11]}),  # "Say: ab c"
+    )
+    provider = LlamaCppServerProvider("fake", fault_server.base_url, timeout=5.0, max_retries=0)
+    out = BlackBoxProxyGenerator(provider, top_logprobs=3, block_size=3).generate("Say:", max_new_tokens=4)
+    assert out.text == " ab c d" and out.accounting.retokenization_cuts == (2,)
+    assert prompts_sent_any(fault_server) == ["Say:", "Say:", "Say: a", "Say: ab", "Say: ab", "Say: ab c"]
+    assert [r["path"] for r in fault_server.requests][1] == "/extras/tokenize"
+    assert out.accounting.tokenize_requests == 4 and out.accounting.api_calls == 2
+    assert fault_server.requests[0]["json"]["repeat_penalty"] == 1.0  # plain greedy on this server
+    fault_server.push(Reply(body=block_body([" a", "b"])), Reply(status=404, body={"detail": "Not Found"}))
+    with pytest.raises(CapabilityError, match="/extras/tokenize"):
+        BlackBoxProxyGenerator(provider, top_logprobs=3, block_size=2).generate("Hi:", max_new_tokens=4)
+
+
+def prompts_sent_any(srv: FaultServer) -> list[str]:
+    """The prompt of every request: Completions' ``prompt``, tokenize's ``input``."""
+    return [r["json"].get("prompt", r["json"].get("input")) for r in srv.requests]
+
+
 @pytest.mark.parametrize(
     "fault", [Reply(status=500, body={"error": "boom"}), Reply(status=429, headers={"retry-after": "0"})]
 )
@@ -185,6 +217,18 @@ def comp(llama_server: Any) -> OpenAICompletionsProvider:
     return OpenAICompletionsProvider(
         llama_server.model, llama_server.base_url, max_k=None, timeout=60, extra_params=NO_PENALTY
     )
+
+
+@pytest.fixture(scope="module")
+def served(llama_server: Any) -> LlamaCppServerProvider:
+    """The same server through the provider that knows its tokenisation (/extras/tokenize)."""
+    return LlamaCppServerProvider(llama_server.model, llama_server.base_url, timeout=60)
+
+
+def fresh_cache(provider: Any) -> None:
+    """Empty llama-cpp-python's one prompt cache (an unrelated one-token prompt), so that every
+    generation's prompt is evaluated the same way: its numbers move by ~0.01 with how a prompt is split."""
+    provider.continue_prefix("\n", 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -316,32 +360,36 @@ def divergence(a: Any, b: Any) -> int | None:
 
 @pytest_integration
 def test_speculative_equals_per_token_with_a_pair_that_changes_tokens(
-    comp: OpenAICompletionsProvider, inproc: Any, changing_pair: Any
+    served: LlamaCppServerProvider, inproc: Any, changing_pair: Any
 ) -> None:
     cfg = GenerationConfig(max_new_tokens=32, analysis=True)
-    changed = 0
-    for provider in (inproc, comp):  # token ids and single-token evaluation (exact); text over HTTP
+    changed = cuts = 0
+    for provider in (inproc, served):  # token ids (in-process); text over HTTP, tokenisation checked
         for prompt in PROMPTS:
+            if provider is served:
+                fresh_cache(served)
             spec = BlackBoxProxyGenerator(provider, [changing_pair], top_logprobs=8).generate(prompt, cfg)
+            if provider is served:
+                fresh_cache(served)
             slow = BlackBoxProxyGenerator(
                 provider, [changing_pair], top_logprobs=8, speculative=False
             ).generate(prompt, cfg)
             assert slow.accounting.api_calls == len(slow.tokens) + (slow.finish_reason == "eos")
             assert spec.accounting.api_calls < slow.accounting.api_calls
             changed += len(spec.accounting.changed)
+            assert spec.tokens == slow.tokens and spec.text == slow.text, (provider, prompt)
+            assert [(c.position, c.base_token, c.steered_token) for c in spec.accounting.changed] == [
+                (c.position, c.base_token, c.steered_token) for c in slow.accounting.changed
+            ]
             if provider is inproc:
                 assert spec.accounting.sent_ids and not spec.accounting.retokenized
-                assert spec.token_ids == slow.token_ids and spec.text == slow.text
-                assert [(c.position, c.base_token, c.steered_token) for c in spec.accounting.changed] == [
-                    (c.position, c.base_token, c.steered_token) for c in slow.accounting.changed
-                ]
-                continue
-            # llama-cpp-python's server re-tokenises text prefixes, and its numbers move by ~0.01 with
-            # how its prompt cache splits a request: equal up to a re-tokenised prefix or a near-tie
-            i = divergence(spec, slow)
-            if i is not None and i < first_retokenized(spec, slow):
-                assert min(spec.trace[i].margin, slow.trace[i].margin) < 0.1, (prompt, i)
+                assert spec.token_ids == slow.token_ids
+            else:
+                assert not spec.accounting.sent_ids and spec.accounting.tokenize_requests > 0
+                cuts += len(spec.accounting.retokenization_cuts)
+                assert slow.accounting.tokenize_requests == 0  # one position per call: nothing to check
     assert changed >= 6  # the pair really steers
+    assert cuts >= 1  # text that came back re-tokenised was met, and the block cut there
 
 
 @pytest_integration
@@ -386,6 +434,22 @@ def test_generate_command_black_box_writes_the_continuation_and_the_report(
     assert out.stdout == server_greedy(llama_server, PROMPTS[0], 16)
     data = json.loads(report.read_text())
     assert data["accounting"]["generated_tokens"] == 16 and data["accounting"]["mode"] == "speculative"
+    # the provider that knows this server's tokenisation: the penalty off by itself, blocks checked
+    # (it reproduces one-token-per-call decoding, which re-sends text: where the server reads that text
+    # back as other tokens than it generated, that is not the server's own greedy continuation)
+    own = cmd[:5] + ["--provider", "llama-cpp-server"] + cmd[5:9] + cmd[11:15] + cmd[17:]
+    served = LlamaCppServerProvider(llama_server.model, llama_server.base_url, timeout=60)
+    fresh_cache(served)
+    out = subprocess.run(own, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    fresh_cache(served)
+    slow = BlackBoxProxyGenerator(served, top_logprobs=5, speculative=False).generate(
+        PROMPTS[0], max_new_tokens=16
+    )
+    assert out.stdout == slow.text
+    data = json.loads(report.read_text())
+    assert data["base"]["provider"] == "llama-cpp-server"
+    assert data["accounting"]["tokenize_requests"] > 0 and not data["accounting"]["sent_ids"]
     bad = subprocess.run(cmd[:5] + ["--model", "m"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--base-url" in bad.stderr
 
@@ -440,3 +504,68 @@ def test_pair_drafting_needs_block_verification_and_says_so(inproc: Any, changin
         BlackBoxProxyGenerator(inproc, [changing_pair], draft="pair")
     with pytest.raises(InputError, match="draft must be one of base, pair"):
         BlackBoxProxyGenerator(inproc, [changing_pair], draft="expert")  # type: ignore[arg-type]
+
+
+def full_logit_greedy(inproc: Any, pair: Any, prompt: str, n: int, k: int) -> tuple[list[int], list[bool]]:
+    """Full-vocabulary proxy-tuned greedy decoding on the in-process base (its whole row through
+    ``continue_prefix`` with k = the vocabulary) and the pair's full rows; per step, whether the
+    choice was inside the base's top-k. Ends on an end-of-generation token, as ``generate`` does."""
+    import torch
+
+    from blackbox_proxy.decoding import render_prompt
+
+    vocab = pair.expert.vocab_size
+    sessions = [
+        pair.expert.open([render_prompt(pair.expert, prompt, pair.expert_format)]),
+        pair.anti_expert.open([render_prompt(pair.anti_expert, prompt, pair.anti_format)]),
+    ]
+    ids = inproc.tokenize(prompt)
+    out: list[int] = []
+    inside: list[bool] = []
+    try:
+        for _ in range(n):
+            c = inproc.continue_prefix(ids + out, 1, vocab)
+            if not c.positions:
+                break
+            base = torch.full((vocab,), -math.inf, dtype=torch.float64)
+            for e in c.positions[0].entries:
+                base[e.id] = e.logprob
+            e_lp = torch.log_softmax(sessions[0].logits()[0, :vocab].double(), -1)
+            a_lp = torch.log_softmax(sessions[1].logits()[0, :vocab].double(), -1)
+            tok = int((base + pair.alpha * (e_lp - a_lp)).argmax())
+            inside.append(tok in set(torch.topk(base, k).indices.tolist()))
+            out.append(tok)
+            if inproc.is_end_token(tok):
+                break
+            for s in sessions:
+                s.feed([tok])
+    finally:
+        for s in sessions:
+            s.close()
+    return out, inside
+
+
+@pytest_integration
+def test_black_box_greedy_matches_full_logit_greedy_where_the_choice_is_in_the_top_k(
+    inproc: Any, changing_pair: Any
+) -> None:
+    """k = 20 black-box generation = full-vocabulary proxy-tuned greedy, up to a step whose full-logit
+    choice lies outside the base's top-20; an end-of-turn token the pair prefers ends both."""
+    k, n = 20, 40
+    for prompt in PROMPTS:
+        full, inside = full_logit_greedy(inproc, changing_pair, prompt, n, k)
+        bb = BlackBoxProxyGenerator(inproc, [changing_pair], top_logprobs=k).generate(
+            prompt, max_new_tokens=n
+        )
+        got = list(bb.token_ids) + ([full[-1]] if bb.finish_reason == "eos" else [])
+        first = next((i for i, (a, b) in enumerate(zip(full, got, strict=False)) if a != b), None)
+        if first is None:
+            assert len(got) == len(full), (prompt, bb.finish_reason)
+        else:
+            assert not inside[first], (prompt, first, full[first], got[first])
+    # an end-of-turn token comes as a named candidate (the pair scores it; choosing it ends the text)
+    turn = "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\nYes"  # "." first, "<|im_end|>" in the top-20
+    entries = inproc.continue_prefix(turn, 1, k).positions[0].entries
+    end = [e for e in entries if e.token == "<|im_end|>"]
+    assert end and inproc.is_end_token(end[0].id)
+    assert changing_pair.expert.encode("<|im_end|>", add_special_tokens=False) == [end[0].id]

@@ -91,8 +91,10 @@ def add_provider_args(p: argparse.ArgumentParser | Any) -> None:
     g.add_argument(
         "--provider",
         metavar="NAME",
-        help="registered provider (built in: openai, openai-chat, openai-completions, llama-cpp; plugins "
-        "add more); default: openai when a base URL is known, else llama-cpp (in-process)",
+        help="registered provider (built in: openai, openai-chat, openai-completions, llama-cpp, "
+        "llama-cpp-server (llama-cpp-python's server: its own tokenisation is checked, so black-box "
+        "generation is exact over text), vllm, vllm-chat, vllm-completions; plugins add more); "
+        "default: openai when a base URL is known, else llama-cpp (in-process)",
     )
     g.add_argument(
         "--base-url",
