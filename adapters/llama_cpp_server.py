@@ -12,15 +12,14 @@ log-probs; this provider sends 1.0 unless told otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from ..errors import InputError, ProviderError
+from ..errors import InputError
 from .base import ProviderOptions, register_provider
-from .continuation import CONTINUE, TOKENIZE, CapabilityError
+from .continuation import CONTINUE, TOKENIZE
 from .openai_completions import OpenAICompletionsProvider
 from .openai_provider import openai_max_k, openai_provider_kwargs
-from .vllm import server_root
+from .vllm import tokenize_route
 
 __all__ = ["LlamaCppServerProvider"]
 
@@ -50,47 +49,21 @@ class LlamaCppServerProvider(OpenAICompletionsProvider):
             body.setdefault(key, value)
         extra["extra_body"] = body
         super().__init__(model, base_url, api_key, extra_params=extra, **options)
-        self._tok_cache: dict[str, tuple[int, ...]] = {}
 
     def tokenize(self, text: str) -> list[int]:
-        """The ids the server reads for ``text`` as a prompt (BOS included where the model adds one)."""
+        """The ids the server reads for ``text`` as a prompt (BOS included where the model adds one);
+        one request each (the black-box generator remembers the last few it needs)."""
         if not isinstance(text, str) or not text:
             raise InputError(f"{self._where}: nothing to tokenize ({text!r})")
-        hit = self._tok_cache.get(text)
-        if hit is None:
-            hit = tuple(self._tokenize(text))
-            if len(self._tok_cache) > 4096:
-                self._tok_cache.clear()
-            self._tok_cache[text] = hit
-        return list(hit)
-
-    def _tokenize(self, text: str) -> list[int]:
-        url = server_root(self.transport.base_url) + "/extras/tokenize"
-        where = self._where
-
-        def check(body: Mapping[str, Any]) -> None:
-            toks = body.get("tokens") if isinstance(body, Mapping) else None
-            if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
-                raise CapabilityError(
-                    f"{where}: /extras/tokenize answered without a token list: not llama-cpp-python's server"
-                )
-
-        try:
-            body, _ = self.transport.call(
-                "tokenize",
-                self.model,
-                {"model": self.model, "input": text},
-                lambda client, p: client.post(url, cast_to=object, body=p),
-                check,
-            )
-        except ProviderError as exc:
-            if getattr(exc, "status", None) in (404, 405):
-                raise CapabilityError(
-                    f"{where} has no /extras/tokenize route (HTTP {exc.status}): not llama-cpp-python's "
-                    "server; use provider 'openai-completions' for other servers"
-                ) from None
-            raise
-        return [int(t) for t in body["tokens"]]
+        return tokenize_route(
+            self.transport,
+            self.model,
+            self._where,
+            route="/extras/tokenize",
+            server="llama-cpp-python's server (use provider 'openai-completions' for other servers)",
+            needed_for="the re-tokenisation check of black-box generation",
+            input=text,
+        )
 
 
 @register_provider("llama-cpp-server")

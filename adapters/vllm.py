@@ -295,20 +295,32 @@ def _tokenize_text(owner: Any, text: str, add_special_tokens: bool) -> list[int]
     key = (text, bool(add_special_tokens))
     hit = owner._tok_cache.get(key)
     if hit is None:
-        hit = _tokenize(owner.transport, owner.model, owner._where, prompt=text, add_special_tokens=key[1])
+        hit = tokenize_route(
+            owner.transport, owner.model, owner._where, prompt=text, add_special_tokens=key[1]
+        )
         owner._tok_cache[key] = hit
     return list(hit)
 
 
-def _tokenize(transport: Transport, model: str, where: str, **fields: Any) -> list[int]:
-    """POST {root}/tokenize; CapabilityError when the server has no such route."""
-    url = server_root(transport.base_url) + "/tokenize"
+def tokenize_route(
+    transport: Transport,
+    model: str,
+    where: str,
+    *,
+    route: str = "/tokenize",
+    server: str = "a vLLM server",
+    needed_for: str = f"the token ids that the {EXACT!r} capability and server-hosted experts need",
+    **fields: Any,
+) -> list[int]:
+    """POST {root}{route} (a tokenize route at the server root); CapabilityError naming ``server``
+    when the answer holds no token list or the route is missing."""
+    url = server_root(transport.base_url) + route
     params = {"model": model, **fields}
 
     def check(body: Mapping[str, Any]) -> None:
-        toks = body.get("tokens")
+        toks = body.get("tokens") if isinstance(body, Mapping) else None
         if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
-            raise CapabilityError(f"{where}: /tokenize answered without a token list: not a vLLM server")
+            raise CapabilityError(f"{where}: {route} answered without a token list: not {server}")
 
     try:
         body, _ = transport.call(
@@ -317,8 +329,8 @@ def _tokenize(transport: Transport, model: str, where: str, **fields: Any) -> li
     except ProviderError as exc:
         if getattr(exc, "status", None) in (404, 405):
             raise CapabilityError(
-                f"{where} has no /tokenize route (HTTP {exc.status}): not a vLLM server, so the token ids "
-                f"that the {EXACT!r} capability and server-hosted experts need cannot be asked for"
+                f"{where} has no {route} route (HTTP {exc.status}): not {server}, so {needed_for} "
+                "cannot be asked for"
             ) from None
         raise
     return [int(t) for t in body["tokens"]]
@@ -650,7 +662,7 @@ class ServedModel:
         key = repr(msgs)
         hit = self._chat_cache.get(key)
         if hit is None:
-            hit = _tokenize(
+            hit = tokenize_route(
                 self.transport, self.model, self._where, messages=msgs, add_generation_prompt=True
             )
             self._chat_cache[key] = hit
