@@ -211,27 +211,27 @@ TEMPLATES: dict[str, PromptTemplate] = {
     )
 }
 
-#: Name of the default template, chosen by ``benchmarks/choose_prompt.py`` on validation data
-#: (served Qwen2.5-Coder-1.5B-Instruct, alpha 0, chat form, top-20; benchmarks/RESULTS.md):
+#: Name of the default template, chosen by answers on validation data (served
+#: Qwen2.5-Coder-1.5B-Instruct, alpha 0, chat form, top-20; ``benchmarks/choose_prompt.py``,
+#: ``benchmarks/bench_debias.py``; numbers in benchmarks/RESULTS.md):
 #:
-#: ==============  ========================  ========================  ==========================
-#: template        ARC-C val (100)           MMLU val (50)             RealtimeQA 2025+ (80)
-#: ==============  ========================  ========================  ==========================
-#: letter-only     0.590, top B 0.40, m .97  0.400, top B 0.46, m .92  0.362, top B 0.59, m .98
-#: plain           0.560, top B 0.41, m .46  0.400, top B 0.46, m .35  0.400, top B 0.40, m .62
-#: ==============  ========================  ========================  ==========================
+#: ==============  ========================  ========================  ===========================
+#: template        ARC-C val (100)           MMLU val (50)             letter prior (cyclic shifts)
+#: ==============  ========================  ========================  ===========================
+#: plain           0.560, top B 0.41, m .46  0.400, top B 0.46, m .35  B .32-.33, others .20-.26
+#: letter-only     0.590, top B 0.40, m .97  0.400, top B 0.46, m .92  B .34, others .17-.27
+#: ==============  ========================  ========================  ===========================
 #:
-#: (accuracy, most frequent answer letter and its share, mean letter mass ``m``). ``letter-only``
-#: is the most accurate on ARC/MMLU validation with the same spread as ``plain`` (the differences
-#: are within noise: McNemar p 0.61 / 1.0) and puts 0.92-0.98 of the probability on the letters
-#: (``plain`` 0.35-0.62: cut to a top-5 list, ``plain`` loses a letter on 71-82 % of validation
-#: questions, ``letter-only`` on 0-4 %). It meets the 45 % bar on ARC-C validation but not on
-#: RealtimeQA 2025+, where it answers "B" 59 % of the time: every wording screened has the same
-#: letter prior (B 0.30-0.39, estimated from cyclic shifts of validation questions), which
-#: dominates on questions the model cannot know. ``--debias pride`` (1.3x the calls) brings the
-#: top share to 0.33 on both sets (accuracy 0.612 ARC-C val, 0.345 RealtimeQA against plain's
-#: 0.400, p 0.24-0.80): recommended for such question sets.
-DEFAULT_TEMPLATE_NAME = "letter-only"
+#: (accuracy, most frequent answer letter and its share, mean probability on the letters ``m``).
+#: On validation the two tie on accuracy (McNemar p 0.61 / 1.0); ``plain`` has the flatter letter
+#: prior and its chosen option follows a cyclic shift of the options more often (0.958 vs 0.92 of
+#: 24 shifted prompts). The prior is what decides on questions the model cannot know, and there
+#: the difference is large: on 80 RealtimeQA 2025+ questions ``letter-only`` answers "B" 59 % of
+#: the time (accuracy 0.362), ``plain`` 40 % (0.400). ``letter-only`` was the default before for
+#: its letter mass (the letters fill a top-5 list); ``plain`` often leaves a letter outside a
+#: top-5 list (71-82 % of validation questions), which the ``floor`` policy fills with its bound:
+#: ask for more log-probs (``--top-logprobs 20`` where the provider allows it) when steering.
+DEFAULT_TEMPLATE_NAME = "plain"
 
 
 def get_template(name: str) -> PromptTemplate:

@@ -531,6 +531,25 @@ def _sample_replay(model: Any, tok: Any, n: int, seed: int) -> list[str]:
     return texts
 
 
+def _draw_replay(pool: list[str], n: int, rnd: random.Random) -> list[str]:
+    """``n`` replay texts from ``pool``; the last HELDOUT_REPLAY are the held-out general set.
+
+    A pool of at least ``n`` texts gives ``n`` distinct ones. A smaller pool is cycled for the
+    training part, but the held-out texts are set aside first, so the general loss is measured on
+    texts the run never trains on (it would otherwise fall for memorising the replay set).
+    """
+    if not pool:
+        return []
+    if len(pool) >= n:
+        return [pool[i] for i in rnd.sample(range(len(pool)), n)]
+    held_n = min(HELDOUT_REPLAY, n)
+    if len(pool) <= held_n:  # too few texts to keep the two sets apart
+        return [pool[i % len(pool)] for i in rnd.sample(range(n), n)]
+    order = rnd.sample(range(len(pool)), len(pool))
+    held, rest = order[:held_n], order[held_n:]
+    return [pool[rest[i % len(rest)]] for i in range(n - held_n)] + [pool[i] for i in held]
+
+
 def _replay_texts(out: Path, model: Any, tok: Any, cfg: TrainConfig, n: int) -> list[str]:
     """Replay texts: from ``replay_data`` or sampled from the untouched model; kept in ``out`` for resume."""
     cache = out / "replay_samples.jsonl"
@@ -540,9 +559,7 @@ def _replay_texts(out: Path, model: Any, tok: Any, cfg: TrainConfig, n: int) -> 
             return texts
     if cfg.replay_data:
         _, exs = load_examples(cfg.replay_data, "text")
-        rnd = random.Random(cfg.seed + 31)
-        pool = [e.text for e in exs if e.text]
-        texts = [pool[i % len(pool)] for i in rnd.sample(range(max(n, len(pool))), n)] if pool else []
+        texts = _draw_replay([e.text for e in exs if e.text], n, random.Random(cfg.seed + 31))
     else:
         texts = _sample_replay(model, tok, n, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,13 @@ from blackbox_proxy.option_scoring import (
     gate_weight,
     lift,
 )
-from blackbox_proxy.training import DOCUMENT_RECIPE, TrainConfig, _split_heldout
+from blackbox_proxy.training import (
+    DOCUMENT_RECIPE,
+    HELDOUT_REPLAY,
+    TrainConfig,
+    _replay_texts,
+    _split_heldout,
+)
 from blackbox_proxy.training_data import QA_TEMPLATE, question_renderings, sentences
 
 DATA = Path(__file__).resolve().parents[1] / "blackbox_proxy" / "data"
@@ -104,3 +110,21 @@ def test_gate_scales_a_diffuse_offset_to_zero_and_keeps_a_confident_one() -> Non
     assert diffuse.as_pair()[0] == {"A": -5.1, "B": -5.0}
     assert OptionScores.from_json(diffuse.to_json()) == diffuse
     assert diffuse.with_calibration("sum").offsets() == pytest.approx({"A": -0.1, "B": 0.0})
+
+
+def test_a_small_replay_file_keeps_its_held_out_texts_out_of_training(tmp_path: Path) -> None:
+    """--replay-data with fewer texts than the run replays: training cycles over the pool, but the
+    held-out general set (the last HELDOUT_REPLAY texts) is never trained on."""
+    pool = tmp_path / "replay.jsonl"
+    pool.write_text("".join(json.dumps({"text": f"general text number {i}"}) + "\n" for i in range(40)))
+    cfg = TrainConfig(replay_data=str(pool))
+    n_train = 100
+    texts = _replay_texts(tmp_path / "out", None, None, cfg, n_train + HELDOUT_REPLAY)
+    train, held = texts[:n_train], texts[n_train:]
+    assert len(held) == HELDOUT_REPLAY == len(set(held))
+    assert not set(held) & set(train)
+    assert len(set(train)) == 40 - HELDOUT_REPLAY  # every other text is replayed
+    # a pool at least as large as the request gives distinct texts (as before), and reruns agree
+    big = _replay_texts(tmp_path / "big", None, None, cfg, 30)
+    assert len(set(big)) == 30
+    assert _replay_texts(tmp_path / "again", None, None, cfg, n_train + HELDOUT_REPLAY) == texts
