@@ -239,3 +239,28 @@ def test_controls_carry_no_question_knowledge() -> None:
     assert s.loc["mean-offset control a=1", "accuracy"] == s.loc["proxy a=1", "accuracy"]
     assert s.loc["shuffled-offset control a=0.5", "accuracy"] == s.loc["proxy a=0.5", "accuracy"]
     assert res.table()["alpha"].tolist() == ["2"] * 4  # the main columns are at --alpha, not the sweep
+
+
+def test_summary_pairs_the_proxy_with_its_mean_offset_control() -> None:
+    """A question-specific offset beats the letter prior, and the summary says so with a paired test;
+    offsets that are the same for every question tie with their own mean."""
+    top = _top({"A": math.log(0.5), "B": math.log(0.3), "C": math.log(0.2)}, 3)
+    to_b = {"A": math.log(0.1), "B": math.log(0.8), "C": math.log(0.1)}
+    to_c = {"A": math.log(0.1), "B": math.log(0.1), "C": math.log(0.8)}
+    flat = {k: math.log(1 / 3) for k in "ABC"}
+    # gold alternates B / C and the expert knows it: its offsets point at the gold of each question
+    recs = [
+        MCRecord(f"q{i}", ("A", "B", "C"), g, top, (PairScores(to_b if g == "B" else to_c, flat),), {})
+        for i, g in enumerate("BC" * 6)
+    ]
+    s = EvalResult(recs, (2.0,), alphas=(1.0,)).summary().set_index("system")
+    assert s.loc["proxy a=2", "accuracy"] == 1.0
+    # the mean offset lifts B and C alike, so it can only ever pick one of them for every question
+    assert s.loc["mean-offset control a=2", "accuracy"] <= 0.5
+    assert s.loc["proxy a=2", "delta_vs_control"] >= 0.5
+    assert s.loc["proxy a=2", "mcnemar_p_vs_control"] < 0.05
+    assert pd.isna(s.loc["base", "mcnemar_p_vs_control"])  # only the proxy rows are paired with a control
+
+    same = EvalResult([_record(f"q{i}", "C") for i in range(4)], (1.0,), alphas=(2.0,))
+    t = same.summary().set_index("system")
+    assert t.loc["proxy a=1", "delta_vs_control"] == 0.0 and t.loc["proxy a=1", "mcnemar_p_vs_control"] == 1.0

@@ -131,10 +131,11 @@ def answer_lines(df: pd.DataFrame, skipped: int | None = None) -> list[str]:
 
 
 def format_summary(s: pd.DataFrame) -> str:
-    """The systems table (accuracy, CI, delta vs base, McNemar p) as text."""
-    cols = [
-        c
-        for c in ("system", "n", "correct", "accuracy", "ci_low", "ci_high", "delta_vs_base", "mcnemar_p")
-        if c in s
-    ]
+    """The systems table (accuracy, CI, delta and McNemar p vs base, and for the proxy vs its
+    mean-offset control) as text."""
+    names = (
+        "system", "n", "correct", "accuracy", "ci_low", "ci_high", "delta_vs_base", "mcnemar_p",
+        "delta_vs_control", "mcnemar_p_vs_control",
+    )  # fmt: skip
+    cols = [c for c in names if c in s]
     return s[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")

@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,7 @@ class EvalResult:
         sw = tuple(sweep) if sweep is not None else self.sweep_values
         table = self.table(sw)
         systems = self.systems(sw)
+        versus: dict[str, str] = {}
         if controls and self.has_pairs and self.strategy in ("proxy", "entropy_gated"):
             for kind in ("mean", "shuffled"):
                 ct = self.control_table(kind, sw, seed)
@@ -243,7 +244,11 @@ class EvalResult:
                     col = f"{kind}_control_correct@{sweep_key(s)}"
                     table[col] = ct[f"steered_correct@{sweep_key(s)}"].to_numpy()
                     systems.append((f"{kind}-offset control a={sweep_key(s)}", col, s))
-        return summarize(table, systems, exclude_all_missing=exclude_all_missing, n_boot=n_boot, seed=seed)
+            # the bar a knowledge gain must clear: the proxy against the letter prior at the same alpha
+            versus = {f"proxy a={sweep_key(s)}": f"mean_control_correct@{sweep_key(s)}" for s in sw}
+        return summarize(
+            table, systems, exclude_all_missing=exclude_all_missing, n_boot=n_boot, seed=seed, versus=versus
+        )
 
     def sweep(self, values: Sequence[float], *, exclude_all_missing: bool = True) -> pd.DataFrame:
         """Accuracy of base, expert, anti-expert and proxy at each sweep value (no new requests)."""
@@ -270,8 +275,13 @@ def summarize(
     exclude_all_missing: bool = True,
     n_boot: int = 2000,
     seed: int = 0,
+    versus: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Summary rows (system, n, accuracy, CI, delta vs base, McNemar p, bootstrap CI) of a results table."""
+    """Summary rows (system, n, accuracy, CI, delta vs base, McNemar p, bootstrap CI) of a results table.
+
+    ``versus`` maps a system name to a second reference column (the proxy to its mean-offset
+    control): those rows also get ``delta_vs_control`` and ``mcnemar_p_vs_control``, paired the same way.
+    """
     t = table
     n_excl = 0
     if exclude_all_missing and len(t):
@@ -306,6 +316,15 @@ def summarize(
                 mcnemar_p=mc.p_value,
                 only_base=mc.b,
                 only_system=mc.c,
+            )
+        ref = (versus or {}).get(name)
+        if ref is not None and ref in t:
+            control = t[ref].astype(bool).tolist()
+            mine = t[col].astype(bool).tolist()
+            mc = stats.mcnemar_exact(control, mine)
+            row.update(
+                delta_vs_control=(mc.c - mc.b) / len(mine) if mine else math.nan,
+                mcnemar_p_vs_control=mc.p_value,
             )
         rows.append(row)
     return pd.DataFrame(rows)
