@@ -244,8 +244,8 @@ class EvalResult:
                     col = f"{kind}_control_correct@{sweep_key(s)}"
                     table[col] = ct[f"steered_correct@{sweep_key(s)}"].to_numpy()
                     systems.append((f"{kind}-offset control a={sweep_key(s)}", col, s))
-            # the bar a knowledge gain must clear: the proxy against the letter prior at the same alpha
-            versus = {f"proxy a={sweep_key(s)}": f"mean_control_correct@{sweep_key(s)}" for s in sw}
+                    if kind == "mean":  # the bar a knowledge gain must clear: the letter prior, same alpha
+                        versus[f"proxy a={sweep_key(s)}"] = col
         return summarize(
             table, systems, exclude_all_missing=exclude_all_missing, n_boot=n_boot, seed=seed, versus=versus
         )
@@ -288,12 +288,17 @@ def summarize(
         n_excl = int(t["all_missing"].sum())
         t = t[~t["all_missing"]]
     t = t[t["gold_letter"].astype(str) != ""] if len(t) else t
+
+    def outcomes(column: str) -> list[bool]:
+        return t[column].astype(bool).tolist()
+
     rows = []
     for name, col, a in systems:
         if len(t) == 0:
             rows.append({"system": name, "alpha": a, "n": 0, "excluded": n_excl})
             continue
-        acc = stats.accuracy(t[col].astype(bool).tolist(), name)
+        mine = outcomes(col)
+        acc = stats.accuracy(mine, name)
         row: dict[str, Any] = {
             "system": name,
             "alpha": a,
@@ -305,10 +310,9 @@ def summarize(
             "excluded": n_excl,
         }
         if col != "base_correct":
-            base = t["base_correct"].astype(bool).tolist()
-            other = t[col].astype(bool).tolist()
-            mc = stats.mcnemar_exact(base, other)
-            bs = stats.paired_bootstrap(base, other, n_boot=n_boot, seed=seed)
+            base = outcomes("base_correct")
+            mc = stats.mcnemar_exact(base, mine)
+            bs = stats.paired_bootstrap(base, mine, n_boot=n_boot, seed=seed)
             row.update(
                 delta_vs_base=bs.diff,
                 delta_ci_low=bs.ci_low,
@@ -319,9 +323,7 @@ def summarize(
             )
         ref = (versus or {}).get(name)
         if ref is not None and ref in t:
-            control = t[ref].astype(bool).tolist()
-            mine = t[col].astype(bool).tolist()
-            mc = stats.mcnemar_exact(control, mine)
+            mc = stats.mcnemar_exact(outcomes(ref), mine)
             row.update(
                 delta_vs_control=(mc.c - mc.b) / len(mine) if mine else math.nan,
                 mcnemar_p_vs_control=mc.p_value,
