@@ -204,6 +204,7 @@ def test_kill_and_resume_repeats_no_request(proxy: CountingProxy, llama_server, 
     assert len(second_bodies) == N_QUESTIONS - HOLD_AFTER
     assert set(all_bodies) == reference_bodies  # the same requests as the uninterrupted run
     assert f"base requests sent: {N_QUESTIONS - HOLD_AFTER}" in r.stdout
+    assert "mcnemar_p_vs_control" in r.stdout  # the printed summary pairs the proxy with its control
 
     # no lost or duplicated rows; the earlier rows survived byte for byte
     lines = (run_dir / RESULTS_FILE).read_text().splitlines()
